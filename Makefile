@@ -1,0 +1,55 @@
+# Two commands: `make book` builds the report, `make test` runs the tests. Both set everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+CORPUS := data/corpus/manifest.json
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: book test setup data browser lint clean
+
+# Execution is cached per notebook source; new result records also invalidate the cache, so that
+# the analysis chapters pick up runs made since the last build.
+RESULTS_STAMP := _build/.results-stamp
+book: setup data
+	@if [ -f $(RESULTS_STAMP) ] && [ -n "$$(find data/results -newer $(RESULTS_STAMP) -name '*.jsonl' 2>/dev/null | head -1)" ]; then \
+	  echo "new result records: re-executing notebooks"; rm -rf _build/.jupyter_cache; fi
+	$(BIN)/jupyter-book build book --path-output . --warningiserror --keep-going
+	@mkdir -p _build && touch $(RESULTS_STAMP)
+	@echo "report: $(CURDIR)/_build/html/index.html"
+
+test: book browser
+	$(BIN)/python -m pytest -q
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+data: setup
+	$(BIN)/lmscale data prepare
+
+# Debian's Chromium for the headless test of the built HTML; best effort outside CI.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	        || echo "could not install chromium; the browser test will say how"; \
+	    else echo "chromium missing: run 'sudo apt-get install chromium chromium-driver' to enable the browser test"; fi; }
+
+lint: setup
+	$(BIN)/ruff check src tests notebooks
+
+clean:
+	rm -rf _build book/_build

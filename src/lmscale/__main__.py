@@ -1,0 +1,5 @@
+import sys
+
+from lmscale.cli import main
+
+sys.exit(main())

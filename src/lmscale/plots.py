@@ -1,0 +1,46 @@
+"""The book's chart style, rendered offline.
+
+Altair's default renderer loads vega from a CDN, which shows nothing on an offline machine. The
+``svg`` renderer draws the chart in Python through vl-convert and hands the notebook a static SVG,
+so the built HTML needs no script at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _theme() -> dict[str, Any]:
+    return {
+        "config": {
+            "view": {"continuousWidth": 520, "continuousHeight": 300, "stroke": None},
+            "font": "DejaVu Sans, Helvetica, Arial, sans-serif",
+            "range": {"category": PALETTE},
+            "axis": {"labelFontSize": 12, "titleFontSize": 13, "grid": True, "gridOpacity": 0.4},
+            "legend": {"labelFontSize": 12, "titleFontSize": 12},
+            "title": {"fontSize": 14, "anchor": "start"},
+        }
+    }
+
+
+def setup() -> None:
+    """Register the theme and the offline SVG renderer; call once at the top of a notebook."""
+    alt.theme.register("lmscale", enable=True)(_theme)
+    alt.renderers.enable("svg")
+    alt.data_transformers.disable_max_rows()
+
+
+def provenance_caption(records) -> str:
+    """One line naming where the plotted numbers come from: runs, hardware, commits, dates."""
+    commits = sorted({(c or "uncommitted")[:10] + ("+dirty" if d else "") for c, d in zip(records["git_commit"], records["git_dirty"])})
+    hardware = sorted(set(records["hardware"].astype(str)))
+    dates = sorted(records["date"].astype(str))
+    span = dates[0][:10] if dates[0][:10] == dates[-1][:10] else f"{dates[0][:10]} to {dates[-1][:10]}"
+    return (
+        f"{len(records)} run(s) on {', '.join(hardware)}; torch {', '.join(sorted(set(records['torch'])))}; "
+        f"commit {', '.join(commits)}; {span}."
+    )

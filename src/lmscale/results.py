@@ -1,0 +1,255 @@
+"""The record store: one JSON line per run under ``data/results/<experiment>/``.
+
+A record is the only way a number reaches the book, so it carries everything needed to trust and
+rerun it: the config, the seed, final metrics, curves, and provenance (git commit and dirty flag,
+library versions, hardware, command, date). Files are written atomically; a malformed file raises
+an error naming it instead of silently dropping a run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from lmscale import __version__
+from lmscale.paths import repo_root, results_dir
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = ("schema", "experiment", "run_id", "kind", "config", "seed", "metrics", "provenance")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RecordError(ValueError):
+    """A result record that cannot be read or written; the message names the file."""
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "lmscale": __version__}
+    for name in ("torch", "numpy", "triton", "transformers"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except ImportError:
+                continue
+        versions[name] = getattr(module, "__version__", "unknown")
+    return versions
+
+
+def _hardware(device: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device or "cpu",
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and device and device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def provenance(device: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """What made a number: code version, libraries, hardware, command line and date."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "versions": _versions(),
+        "hardware": _hardware(device),
+        "command": command if command is not None else " ".join(sys.argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise RecordError(f"{kind} name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a path)")
+
+
+def _jsonable(value: Any) -> Any:
+    """Refuse NaN/inf instead of writing JSON that other tools reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def make_record(
+    experiment: str,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    seed: int,
+    metrics: dict[str, Any],
+    curves: dict[str, list[dict[str, Any]]] | None = None,
+    run_id: str | None = None,
+    device: str | None = None,
+    status: str = "ok",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a record with provenance; ``write_record`` stores it."""
+    _check_name("experiment", experiment)
+    run_id = run_id or f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    _check_name("run_id", run_id)
+    record = {
+        "schema": SCHEMA_VERSION,
+        "experiment": experiment,
+        "run_id": run_id,
+        "kind": kind,
+        "status": status,
+        "config": config,
+        "seed": seed,
+        "metrics": metrics,
+        "curves": curves or {},
+        "provenance": provenance(device),
+    }
+    if extra:
+        record.update(extra)
+    return _jsonable(record)
+
+
+def validate_record(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise RecordError(f"{where}: record lacks field(s) {missing}; required: {list(REQUIRED_FIELDS)}")
+    if record["schema"] != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema {record['schema']!r}, this lmscale reads schema {SCHEMA_VERSION}")
+    for name in ("config", "metrics", "provenance"):
+        if not isinstance(record[name], dict):
+            raise RecordError(f"{where}: field '{name}' must be an object")
+    return record
+
+
+def write_record(record: dict[str, Any], root: Path | None = None) -> Path:
+    """Write ``<root>/<experiment>/<run_id>.jsonl`` atomically (temp file, then rename)."""
+    validate_record(record, f"record {record.get('run_id')!r}")
+    folder = Path(root or results_dir()) / record["experiment"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{record['run_id']}.jsonl"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All records of one ``.jsonl`` file (one per line); any bad line names the file and line."""
+    path = Path(path)
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: cannot read result record ({e})") from e
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(
+                f"{path}:{number}: malformed result record ({e.msg}); fix or delete the file and rerun the run"
+            ) from e
+        records.append(validate_record(record, f"{path}:{number}"))
+    return records
+
+
+def iter_records(experiment: str | None = None, root: Path | None = None) -> Iterable[dict[str, Any]]:
+    base = Path(root or results_dir())
+    pattern = f"{experiment}/*.jsonl" if experiment else "*/*.jsonl"
+    for path in sorted(base.glob(pattern)):
+        yield from read_records(path)
+
+
+def load_records(experiment: str | None = None, root: Path | None = None):
+    """One row per run: identity, ``config.*``, ``metrics.*`` and provenance columns, curves kept as objects."""
+    import pandas as pd
+
+    rows = []
+    for record in iter_records(experiment, root):
+        row = {k: record[k] for k in ("experiment", "run_id", "kind", "status", "seed")}
+        row.update({f"config.{k}": v for k, v in _flatten(record["config"]).items()})
+        row.update({f"metrics.{k}": v for k, v in record["metrics"].items()})
+        prov = record["provenance"]
+        row.update(
+            {
+                "git_commit": prov.get("git_commit"),
+                "git_dirty": prov.get("git_dirty"),
+                "device": prov.get("hardware", {}).get("device"),
+                "hardware": prov.get("hardware", {}).get("gpu") or prov.get("hardware", {}).get("cpu"),
+                "torch": prov.get("versions", {}).get("torch"),
+                "date": prov.get("date"),
+            }
+        )
+        row["curves"] = record.get("curves", {})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_curves(experiment: str, curve: str = "train", root: Path | None = None):
+    """Long-form curve points (one row per logged step) with the run's identity, ready for plotting."""
+    import pandas as pd
+
+    rows = []
+    for record in iter_records(experiment, root):
+        for point in record.get("curves", {}).get(curve, []):
+            rows.append({"run_id": record["run_id"], "seed": record["seed"], **_flatten(record["config"]), **point})
+    return pd.DataFrame(rows)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,69 @@
+"""Result records: written atomically, read back whole, malformed files named."""
+
+import json
+
+import pytest
+
+from lmscale.results import RecordError, load_curves, load_records, make_record, read_records, write_record
+
+
+def _record(run_id="r1", loss=1.5, experiment="exp"):
+    return make_record(
+        experiment,
+        kind="train",
+        config={"model": {"mixer": "gla", "d_model": 64}, "train": {"steps": 10}},
+        seed=3,
+        metrics={"val_loss": loss, "bad": float("nan")},
+        curves={"train": [{"step": 5, "loss": 2.0}, {"step": 10, "loss": loss}]},
+        run_id=run_id,
+    )
+
+
+def test_record_carries_provenance():
+    record = _record()
+    prov = record["provenance"]
+    assert set(prov) >= {"git_commit", "git_dirty", "versions", "hardware", "command", "date"}
+    assert "torch" in prov["versions"] and prov["hardware"]["device"] == "cpu"
+    assert record["metrics"]["bad"] is None  # NaN is not valid JSON: stored as null
+
+
+def test_write_then_load_round_trip(tmp_path):
+    path = write_record(_record("a", 1.0), tmp_path)
+    write_record(_record("b", 2.0), tmp_path)
+    assert path == tmp_path / "exp" / "a.jsonl"
+    assert not list(tmp_path.glob("exp/.*tmp"))
+    df = load_records("exp", tmp_path)
+    assert sorted(df["run_id"]) == ["a", "b"]
+    assert df.set_index("run_id").loc["b", "metrics.val_loss"] == 2.0
+    assert df.set_index("run_id").loc["a", "config.model.mixer"] == "gla"
+    curves = load_curves("exp", "train", tmp_path)
+    assert len(curves) == 4 and set(curves.columns) >= {"run_id", "step", "loss", "model.mixer"}
+
+
+def test_rewriting_a_run_replaces_its_record(tmp_path):
+    write_record(_record("a", 1.0), tmp_path)
+    write_record(_record("a", 0.5), tmp_path)
+    df = load_records("exp", tmp_path)
+    assert list(df["metrics.val_loss"]) == [0.5]
+
+
+def test_malformed_record_names_the_file(tmp_path):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    bad = folder / "broken.jsonl"
+    bad.write_text('{"schema": 1, "experiment": "exp"\n')
+    with pytest.raises(RecordError, match=r"broken\.jsonl:1: malformed"):
+        load_records("exp", tmp_path)
+
+
+def test_record_missing_fields_names_them(tmp_path):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "partial.jsonl").write_text(json.dumps({"schema": 1, "experiment": "exp"}) + "\n")
+    with pytest.raises(RecordError, match=r"partial\.jsonl:1: record lacks field\(s\) \['run_id'"):
+        read_records(folder / "partial.jsonl")
+
+
+def test_names_that_would_escape_the_folder_are_refused():
+    with pytest.raises(RecordError, match="experiment name"):
+        make_record("../evil", kind="train", config={}, seed=0, metrics={})
