@@ -1,0 +1,124 @@
+"""GPT-style language model around any registered sequence mixer.
+
+    tokens ─► embedding ─► n_layers × [x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] ─► RMSNorm ─► head
+The head shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from
+per-layer states (KV caches for attention, fixed-size matrices for recurrent mixers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmscale.config import ModelConfig
+from lmscale.mixers import build_mixer
+
+# projections that write into the residual stream; their init is scaled by 1/√(2·n_layers) (GPT-2)
+RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: down(silu(gate(x)) ⊙ up(x)), hidden width cfg.d_hidden."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.d_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: mixer, then MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = build_mixer(cfg, layer_idx)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> tuple[Tensor, Any]:
+        """x [B, T, D] -> (x [B, T, D], the mixer's final state if ``return_state`` else None)."""
+        y = self.mixer(self.mixer_norm(x), state, return_state)
+        y, state = y if return_state else (y, None)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
+        y_t, state = self.mixer.step(self.mixer_norm(x_t), state)
+        x_t = x_t + y_t
+        return x_t + self.mlp(self.mlp_norm(x_t)), state
+
+
+class LanguageModel(nn.Module):
+    """Decoder-only LM; ``cfg.mixer`` chooses the sequence mixer of every block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied: one [V, D] matrix reads tokens in and out
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):  # keep the residual stream's variance O(1) in depth
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(
+        self, idx: Tensor, state: list[Any] | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, list[Any]]:
+        """idx [B, T] -> logits [B, T, V], continuing from per-layer ``state`` (None: empty)."""
+        states = [None] * len(self.blocks) if state is None else state
+        x = self.embed(idx)  # (B, T, D)
+        new_states = []
+        for block, layer_state in zip(self.blocks, states, strict=True):
+            x, layer_state = block(x, layer_state, return_state)
+            new_states.append(layer_state)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        return (logits, new_states) if return_state else logits
+
+    def step(self, idx_t: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
+        """Decode one token per sequence: idx_t [B] -> (logits [B, V], new per-layer states)."""
+        x_t = self.embed(idx_t)  # (B, D)
+        new_states = []
+        for block, layer_state in zip(self.blocks, state, strict=True):
+            x_t, layer_state = block.step(x_t, layer_state)
+            new_states.append(layer_state)
+        return self.head(self.norm(x_t)), new_states
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> list[Any]:
+        """Per-layer states before any token."""
+        return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, the tied embedding/head once; ``non_embedding`` leaves it out (Kaplan's N)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Analytic forward FLOPs per token at context ``seq_len``: mixers' cost, SwiGLU MLPs and head.
+
+        Matmuls only (2·m·n·k), as in ``Mixer.cost``; training is ≈ 3× this (forward + backward).
+        """
+        d, d_hidden = self.cfg.d_model, self.cfg.d_hidden
+        mixers = sum(block.mixer.cost(seq_len).flops for block in self.blocks) / seq_len
+        mlps = self.cfg.n_layers * 3 * 2 * d * d_hidden
+        head = 2 * d * self.cfg.vocab_size
+        return mixers + mlps + head
