@@ -1,5 +1,6 @@
 """The trainer on synthetic token streams: it learns, resumes exactly, and stops cleanly on bad input."""
 
+import itertools
 import math
 
 import numpy as np
@@ -33,8 +34,8 @@ def _data(n=20_000, vocab=257, seed=0):
 
 def _cfgs(mixer="attention", steps=30, **train_overrides):
     model = ModelConfig(mixer=mixer, vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
-    options = dict(steps=steps, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=5, eval_interval=10,
-                   eval_batches=2, log_interval=5, seed=1)
+    options = {"steps": steps, "batch_size": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 5,
+               "eval_interval": 10, "eval_batches": 2, "log_interval": 5, "seed": 1}
     options.update(train_overrides)
     return model, TrainConfig(**options)
 
@@ -43,7 +44,7 @@ def test_schedule_warms_up_then_decays_to_floor():
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.1)
 
 

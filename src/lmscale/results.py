@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lmscale import __version__
 from lmscale.paths import repo_root, results_dir

@@ -39,7 +39,7 @@ class TokenData:
     bytes_per_token: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_corpus(cls, corpus_dir: Path | None = None) -> "TokenData":
+    def from_corpus(cls, corpus_dir: Path | None = None) -> TokenData:
         from lmscale.data import load_manifest, load_split
 
         manifest = load_manifest(corpus_dir)
@@ -150,7 +150,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state["train_config"] = json.loads(state["train_config"])
         state["curves"] = json.loads(state["curves"])
         int(state["step"])
-    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+    except Exception as e:
         raise CheckpointError(f"{path}: corrupt or incompatible checkpoint ({type(e).__name__}: {e})") from e
     return state
 
@@ -201,7 +201,7 @@ def train(
     log = None
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(out_dir) / "log.jsonl", "a" if resume else "w", encoding="utf-8")
+        log = open(Path(out_dir) / "log.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
     eval_batches = eval_windows(data.validation, train_cfg.eval_batches, train_cfg.batch_size, train_cfg.seq_len)
     bpt = data.bytes_per_token.get("validation")
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
