@@ -44,3 +44,22 @@ def provenance_caption(records) -> str:
         f"{len(records)} run(s) on {', '.join(hardware)}; torch {', '.join(sorted(set(records['torch'])))}; "
         f"commit {', '.join(commits)}; {span}."
     )
+
+
+def table(frame, name: str, formats: dict[str, Any] | None = None, code: tuple[str, ...] = ()):
+    """A compact HTML table for the book: no index, a fixed id (``name``) so that outputs are
+    reproducible under nbval, long identifiers (hashes) in monospace and allowed to wrap."""
+    formats = dict(formats or {})
+    for column in code:
+        formats[column] = lambda value: f"<code>{value}</code>"
+    return (
+        frame.style.hide(axis="index")
+        .format(formats)
+        .set_uuid(name)
+        .set_table_styles(
+            [
+                {"selector": "td, th", "props": "font-size: 0.85em; padding: 0.2em 0.6em; vertical-align: top"},
+                {"selector": "td code", "props": "word-break: break-all; font-size: 0.9em"},
+            ]
+        )
+    )

@@ -9,6 +9,7 @@ an error naming it instead of silently dropping a run.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
@@ -45,15 +46,13 @@ def _git(*args: str) -> str | None:
 
 
 def _versions() -> dict[str, str]:
+    """Installed versions, read from package metadata so that nothing heavy is imported to ask."""
     versions = {"python": platform.python_version(), "lmscale": __version__}
     for name in ("torch", "numpy", "triton", "transformers"):
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = __import__(name)
-            except ImportError:
-                continue
-        versions[name] = getattr(module, "__version__", "unknown")
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
     return versions
 
 

@@ -1,0 +1,124 @@
+"""``lmscale data|train …``: a thin shell over the functions the notebooks call."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmscale.config import ConfigError, ModelConfig, TrainConfig
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
+    """One ``--field`` flag per dataclass field, so the CLI never drifts from the configs."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        kind = type(default) if default is not dataclasses.MISSING else str
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                            help=f"default {default!r}")
+
+
+def _picked(args: argparse.Namespace, cls, skip: set[str]) -> dict[str, Any]:
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError("mixer_options", pair, "write each mixer option as KEY=VALUE (VALUE in JSON, e.g. form=\"chunk\")")
+        key, raw = pair.split("=", 1)
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from lmscale.data import prepare_corpus
+
+    manifest = prepare_corpus(out_dir=args.out, cache_dir=args.cache, force=args.force, sources=args.source)
+    _print_manifest(manifest)
+    return 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from lmscale.data import load_manifest
+
+    _print_manifest(load_manifest(args.out))
+    return 0
+
+
+def _print_manifest(manifest: dict[str, Any]) -> None:
+    import pandas as pd
+
+    from lmscale.data import manifest_table
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(manifest_table(manifest).to_string(index=False))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lmscale.train import TokenData, train_and_record
+
+    model_fields = _picked(args, ModelConfig, {"mixer_options"})
+    model_cfg = ModelConfig(**model_fields, mixer_options=_parse_options(args.mixer_option))
+    train_cfg = TrainConfig(**_picked(args, TrainConfig, set()))
+    data = TokenData.from_corpus(args.corpus)
+    path, result = train_and_record(
+        args.experiment, model_cfg, train_cfg, data, data_name="corpus",
+        out_dir=args.out_dir, resume=args.resume, progress=sys.stderr.isatty(),
+    )
+    print(json.dumps(result.metrics, indent=2))
+    print(f"record: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmscale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="the offline corpus").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="fetch the pinned sources, verify, split, tokenize, write memmaps")
+    prepare.add_argument("--out", type=Path, default=None, help="corpus folder (default data/corpus)")
+    prepare.add_argument("--cache", type=Path, default=None, help="download cache (default data/cache)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the manifest is current")
+    prepare.add_argument("--source", action="append", default=None, help="only these sources (repeatable)")
+    prepare.set_defaults(func=_cmd_data_prepare)
+    show = data.add_parser("show", help="print the manifest's table")
+    show.add_argument("--out", type=Path, default=None)
+    show.set_defaults(func=_cmd_data_show)
+
+    train = sub.add_parser("train", help="train one model on the corpus and write a result record")
+    train.add_argument("--experiment", default="train", help="records go to data/results/<experiment>/")
+    train.add_argument("--corpus", type=Path, default=None, help="corpus folder (default data/corpus)")
+    train.add_argument("--out-dir", type=Path, default=None, help="log.jsonl and checkpoint.pt go here")
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    train.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE")
+    _add_dataclass_args(train, ModelConfig, {"mixer_options"})
+    _add_dataclass_args(train, TrainConfig, set())
+    train.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        print(f"lmscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Shared fixtures. Under CI (CI=true) a missing prerequisite fails; elsewhere the test skips and says how to get it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _require(condition: bool, message: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def require():
+    """``require(condition, message)``: skip locally, fail under CI."""
+    return _require
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The prepared corpus that `make test` builds before the tests run."""
+    path = ROOT / "data" / "corpus"
+    _require((path / "manifest.json").is_file(), "no prepared corpus; run `make data` (make test does)")
+    return path

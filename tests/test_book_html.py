@@ -1,0 +1,96 @@
+"""The built book, opened in headless Chromium: every chart rendered, no console errors.
+
+Needs `make book` first (`make test` does it) and Debian's chromium + chromium-driver. Under CI a
+missing browser or book is a failure; elsewhere the test skips and says how to get them.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+# Chapters that must show at least one chart.
+CHART_PAGES = ["notebooks/corpus.html", "notebooks/compare_mixers.html"]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(require):
+    require((HTML / "index.html").is_file(), f"no built book at {HTML}; run `make book`")
+    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(require):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    require(bool(chromium and driver_path),
+          "headless Chromium not found; install it with `sudo apt-get install chromium chromium-driver`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def _pages() -> list[str]:
+    skip = {"genindex.html", "search.html"}
+    return sorted(
+        str(p.relative_to(HTML)) for p in HTML.rglob("*.html")
+        if p.name not in skip and "_static" not in p.parts and "_sources" not in p.parts
+    )
+
+
+CHARTS_JS = """
+const imgs = [...document.querySelectorAll('article img')].filter(i => /\\.svg($|\\?)|^data:image\\/svg/.test(i.src));
+const inline = [...document.querySelectorAll('article svg.marks')];
+return {
+  imgs: imgs.map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth})),
+  inline: inline.map(s => s.querySelectorAll('[class^="mark-"]').length),
+};
+"""
+
+
+def test_every_page_loads_without_console_errors_and_charts_render(server, browser):
+    pages = _pages()
+    assert "index.html" in pages and set(CHART_PAGES) <= set(pages), pages
+    for page in pages:
+        browser.get(f"{server}/{page}")
+        charts = browser.execute_script(CHARTS_JS)
+        for img in charts["imgs"]:
+            assert img["ok"], f"{page}: chart {img['src']} did not render"
+            if not img["src"].startswith("data:"):
+                svg = (HTML / page).parent.joinpath(img["src"]).resolve().read_text()
+                assert re.search(r'class="mark-(line|point|rect|area|symbol)', svg), f"{page}: {img['src']} has no marks"
+        assert all(n > 0 for n in charts["inline"]), f"{page}: an inline chart has no marks"
+        if page in CHART_PAGES:
+            assert charts["imgs"] or charts["inline"], f"{page}: expected a chart, found none"
+        # The browser asks every site for /favicon.ico on its own; the book has none and links none.
+        errors = [e for e in browser.get_log("browser")
+                  if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+        assert not errors, f"{page}: console errors {errors}"
