@@ -1,6 +1,7 @@
 """The command line: the same functions as the notebooks, with errors that say what to do."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ def test_train_writes_a_record(tmp_path, monkeypatch, corpus_dir, capsys):
     assert code == 0
     out = capsys.readouterr().out
     path = out.strip().splitlines()[-1].removeprefix("record: ")
-    record = json.loads(open(path).read())
+    record = json.loads(Path(path).read_text())
     assert record["config"]["model"]["mixer_options"] == {"form": "parallel"}
     assert record["config"]["train"]["steps"] == 3 and record["metrics"]["val_bits_per_byte"] > 0
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "log.jsonl").is_file()
