@@ -1,21 +1,41 @@
-"""Every mixer keeps the contract: causal, prefix + step = full, forms agree, honest state size."""
+"""Every registered mixer keeps the contract: causal, prefix + step = full, forms agree, honest state size.
+
+The cases are drawn from the registry: each mixer, in each value of its ``forms_option``. A new mixer
+is checked here by being registered; its own test file covers what is particular to it.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from lmscale.config import ConfigError, ModelConfig
 from lmscale.mixers import Mixer, UnknownMixerError, available, build_mixer, register
-from lmscale.mixers.attention import KVCache
+from lmscale.mixers.base import MIXERS as REGISTRY
 
-MIXERS = [
-    pytest.param("attention", {"impl": "sdpa"}, id="attention-sdpa"),
-    pytest.param("attention", {"impl": "math"}, id="attention-math"),
-    pytest.param("gla", {"form": "chunk", "chunk_size": 8}, id="gla-chunk"),
-    pytest.param("gla", {"form": "parallel"}, id="gla-parallel"),
-    pytest.param("gla", {"form": "naive"}, id="gla-naive"),
-]
+
+def _forms(name):
+    option = REGISTRY[name].forms_option
+    return [] if option is None else [(option, form) for form in REGISTRY[name].options[option].choices]
+
+
+def _cases():
+    for name in available():
+        forms = _forms(name)
+        if not forms:
+            yield pytest.param(name, {}, id=name)
+        for option, form in forms:
+            options = {option: form}
+            if "chunk_size" in REGISTRY[name].options:
+                options["chunk_size"] = 8  # several chunks, the last one partial, at T=21
+            yield pytest.param(name, options, id=f"{name}-{form}")
+
+
+MIXERS = list(_cases())
 
 
 def make_mixer(name, options, dtype=torch.float64, **cfg_fields):
@@ -30,7 +50,18 @@ def random_input(B=2, T=21, D=32, dtype=torch.float64, seed=1):
 
 
 def state_tensors(state):
-    return [state.k, state.v] if isinstance(state, KVCache) else [state]
+    """Every tensor a state holds, whatever its structure (tensor, dataclass, tuple, list, dict)."""
+    if state is None:
+        return []
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if dataclasses.is_dataclass(state):
+        state = [getattr(state, f.name) for f in dataclasses.fields(state)]
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return [t for part in state for t in state_tensors(part)]
+    return []
 
 
 @pytest.mark.parametrize("name, options", MIXERS)
@@ -88,12 +119,9 @@ def test_state_bytes_equals_carried_state(name, options, dtype):
     assert mixer.state_bytes(L, dtype) == carried
 
 
-@pytest.mark.parametrize(
-    "name, forms", [("attention", ["sdpa", "math"]), ("gla", ["chunk", "parallel", "naive"])]
-)
-def test_forms_agree_including_parameter_gradients(name, forms):
-    key = "impl" if name == "attention" else "form"
-    mixers = [make_mixer(name, {key: form}) for form in forms]
+@pytest.mark.parametrize("name", [n for n in available() if _forms(n)])
+def test_forms_agree_including_parameter_gradients(name):
+    mixers = [make_mixer(name, {key: form}) for key, form in _forms(name)]
     for mixer in mixers[1:]:
         mixer.load_state_dict(mixers[0].state_dict())
     x = random_input(T=70)  # more than one chunk of the default 64
@@ -161,3 +189,17 @@ def test_attention_refuses_positions_beyond_max_seq_len():
     _, state = mixer(random_input(T=125), return_state=True)
     with pytest.raises(ConfigError, match="max_seq_len"):
         mixer(random_input(T=5), state=state)
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_mixer_names_its_family_and_paper(name):
+    bib = (Path(__file__).resolve().parents[1] / "book" / "references.bib").read_text()
+    cls = REGISTRY[name]
+    assert cls.family and re.search(r"@\w+\{" + re.escape(cls.paper) + ",", bib), cls.paper
+
+
+@pytest.mark.parametrize("name", available())
+def test_decode_cost_does_not_exceed_a_forward_over_the_context(name):
+    mixer = make_mixer(name, {})
+    one = mixer.step_cost(64)
+    assert 0 < one.flops <= mixer.cost(65).flops and one.bytes > mixer.weight_bytes(torch.float32)

@@ -1,24 +1,22 @@
-"""Sequence mixers by name: ``build_mixer(cfg, layer_idx)`` returns the one ``cfg.mixer`` names."""
+"""Sequence mixers by name: ``build_mixer(cfg, layer_idx)`` returns the one ``cfg.mixer`` names.
+
+Every module in this package is imported here, so a new mixer file registers itself by existing.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers import attention, gla
 from lmscale.mixers.base import MIXERS, Cost, Mixer, Option, register
 
-__all__ = [
-    "Cost",
-    "Mixer",
-    "Option",
-    "UnknownMixerError",
-    "attention",
-    "available",
-    "build_mixer",
-    "gla",
-    "register",
-]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Cost", "Mixer", "Option", "UnknownMixerError", "available", "build_mixer", "register"]
 
 
 class UnknownMixerError(ConfigError):

@@ -37,8 +37,11 @@ class Attention(Mixer):
     """Softmax attention; ``impl="sdpa"`` uses the fused kernel, ``impl="math"`` the readable reference."""
 
     options: ClassVar[dict[str, Option]] = {
-        "impl": Option("sdpa", "one of 'sdpa', 'math'", lambda v: v in ("sdpa", "math")),
+        "impl": Option.choice("sdpa", ("sdpa", "math")),
     }
+    forms_option = "impl"
+    family = "softmax attention"
+    paper = "vaswani2017attention"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -108,3 +111,10 @@ class Attention(Mixer):
         # x in, q k v out | q k v in, attention out | attention in, y out
         activations = (T * d + 3 * T * d) + (3 * T * d + T * d) + (T * d + T * d)
         return Cost(flops=flops, bytes=self.weight_bytes(dtype) + activations * dtype.itemsize)
+
+    def step_cost(self, context_len: int, dtype: torch.dtype = torch.float32) -> Cost:
+        L, d = context_len + 1, self.d_model  # the new token attends to the cache and itself
+        flops = 4 * 2 * d * d + 2 * 2 * L * d  # projections; q·K and p·V over L positions
+        # weights, the whole KV cache read, the new k, v written, x in, y out
+        traffic = self.weight_bytes(dtype) + (2 * L * d + 2 * d + 2 * d) * dtype.itemsize
+        return Cost(flops=flops, bytes=traffic)

@@ -34,6 +34,13 @@ class Option:
     default: Any
     allowed: str
     is_valid: Callable[[Any], bool]
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def choice(cls, default: Any, choices: tuple[Any, ...]) -> Option:
+        """An option that takes one of a fixed set of values."""
+        words = ", ".join(repr(c) for c in choices)
+        return cls(default, f"one of {words}", lambda value: value in choices, tuple(choices))
 
 
 MIXERS: dict[str, type[Mixer]] = {}
@@ -61,7 +68,11 @@ class Mixer(nn.Module, abc.ABC):
     """
 
     mixer_name: ClassVar[str]
+    family: ClassVar[str]  # e.g. "softmax attention", "gated linear recurrence", "diagonal SSM"
+    paper: ClassVar[str]  # bibliography key of the paper the mixer follows (book/references.bib)
     options: ClassVar[dict[str, Option]] = {}
+    # the option choosing between implementations that must agree (e.g. "form"), if there are several
+    forms_option: ClassVar[str | None] = None
 
     @classmethod
     def read_options(cls, cfg: ModelConfig) -> dict[str, Any]:
@@ -99,6 +110,10 @@ class Mixer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def cost(self, seq_len: int, dtype: torch.dtype = torch.float32) -> Cost:
         """Analytic forward cost of one sequence of ``seq_len`` tokens through this layer (see Cost)."""
+
+    @abc.abstractmethod
+    def step_cost(self, context_len: int, dtype: torch.dtype = torch.float32) -> Cost:
+        """Analytic cost of decoding one token after ``context_len`` tokens (see Cost): the O(1)-versus-O(T) question."""
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of this mixer's parameters stored in ``dtype``."""

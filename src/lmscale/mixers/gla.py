@@ -43,10 +43,13 @@ class GatedLinearAttention(Mixer):
     """GLA layer; ``form`` picks which gated-recurrence form ``forward`` runs, ``step`` is recurrent."""
 
     options: ClassVar[dict[str, Option]] = {
-        "form": Option("chunk", "one of 'chunk', 'parallel', 'naive'", lambda v: v in FORMS),
+        "form": Option.choice("chunk", FORMS),
         "expand_k": Option(0.5, "a positive number", _is_positive_number),
         "chunk_size": Option(64, "a positive integer", _is_positive_int),
     }
+    forms_option = "form"
+    family = "gated linear recurrence"
+    paper = "yang2024gla"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -132,3 +135,12 @@ class GatedLinearAttention(Mixer):
         if self.form == "chunk":  # chunk states written, then read back
             activations += 2 * -(-T // C) * H * dk * dv
         return Cost(flops=projections + core, bytes=self.weight_bytes(dtype) + activations * dtype.itemsize)
+
+    def step_cost(self, context_len: int, dtype: torch.dtype = torch.float32) -> Cost:
+        d, dk_all, r = self.d_model, self.key_dim, DECAY_LOW_RANK
+        H, dk, dv = self.n_heads, self.head_k_dim, self.head_v_dim
+        projections = 2 * (2 * d * dk_all + 3 * d * d + d * r + r * dk_all)
+        core = H * 4 * dk * dv  # decay-and-add k vᵀ, then read Sᵀq: independent of context_len
+        # weights, the state read and written, x in, y out
+        traffic = self.weight_bytes(dtype) + (2 * H * dk * dv + 2 * d) * dtype.itemsize
+        return Cost(flops=projections + core, bytes=traffic)
