@@ -13,14 +13,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: book test setup data browser lint clean
 
-# Execution is cached per notebook source; new result records also invalidate the cache, so that
-# the analysis chapters pick up runs made since the last build.
-RESULTS_STAMP := _build/.results-stamp
+# Execution is cached per notebook source. New result records or a changed library also invalidate
+# the cache, so that chapters pick up runs made since the last build and never show stale numbers.
+BUILD_STAMP := _build/.inputs-stamp
 book: setup data
-	@if [ -f $(RESULTS_STAMP) ] && [ -n "$$(find data/results -newer $(RESULTS_STAMP) -name '*.jsonl' 2>/dev/null | head -1)" ]; then \
-	  echo "new result records: re-executing notebooks"; rm -rf _build/.jupyter_cache; fi
+	@if [ -f $(BUILD_STAMP) ] && [ -n "$$(find data/results src -newer $(BUILD_STAMP) \( -name '*.jsonl' -o -name '*.py' \) 2>/dev/null | head -1)" ]; then \
+	  echo "new result records or library changes: re-executing notebooks"; rm -rf _build/.jupyter_cache _build/.doctrees; fi
 	$(BIN)/jupyter-book build book --path-output . --warningiserror --keep-going
-	@mkdir -p _build && touch $(RESULTS_STAMP)
+	@mkdir -p _build && touch $(BUILD_STAMP)
 	@echo "report: $(CURDIR)/_build/html/index.html"
 
 test: book browser

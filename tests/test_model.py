@@ -128,3 +128,12 @@ def test_only_attention_is_bounded_by_max_seq_len():
     with pytest.raises(ValueError, match="max_seq_len"):
         make_model("attention", max_seq_len=16)(random_tokens(T=17))
     assert make_model("gla", max_seq_len=16)(random_tokens(T=17)).shape == (2, 17, 257)
+
+
+def test_model_init_keeps_what_a_mixer_marked_no_reinit():
+    torch.manual_seed(0)
+    cfg = ModelConfig(mixer="mamba", vocab_size=257, d_model=64, n_layers=2, n_heads=2)
+    model = LanguageModel(cfg)
+    dt_weight = model.blocks[0].mixer.dt_proj.weight
+    bound = dt_weight.shape[1] ** -0.5
+    assert dt_weight.abs().max() <= bound and dt_weight.std() > 2 * cfg.init_std  # uniform ±R^-½, not N(0, 0.02)

@@ -1,4 +1,4 @@
-"""``lmscale data|train …``: a thin shell over the functions the notebooks call."""
+"""``lmscale data|train|mixers …``: a thin shell over the functions the notebooks call."""
 
 from __future__ import annotations
 
@@ -12,15 +12,27 @@ from typing import Any
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
 
 
+def _name_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
+# parsers for fields whose default (None) does not tell their type; keyed by the annotation
+_OPTIONAL_FIELD_TYPES = {"int | None": int, "list[str] | None": _name_list}
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
     """One ``--field`` flag per dataclass field, so the CLI never drifts from the configs."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = f.default
-        kind = type(default) if default is not dataclasses.MISSING else str
+        if default is None:
+            kind = _OPTIONAL_FIELD_TYPES.get(str(f.type), str)
+        else:
+            kind = type(default) if default is not dataclasses.MISSING else str
+        note = ", comma-separated" if kind is _name_list else ""
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                            help=f"default {default!r}")
+                            help=f"default {default!r}{note}")
 
 
 def _picked(args: argparse.Namespace, cls, skip: set[str]) -> dict[str, Any]:
@@ -84,6 +96,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mixers(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+
+    from lmscale.profile import format_mixer_table, mixer_table
+
+    table = mixer_table(d_model=args.d_model, n_heads=args.n_heads, seq_len=args.seq_len,
+                        context_len=args.context_len, dtype=getattr(torch, args.dtype), n_layers=args.n_layers)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120):
+        print(format_mixer_table(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmscale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,10 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", type=Path, default=None, help="corpus folder (default data/corpus)")
     train.add_argument("--out-dir", type=Path, default=None, help="log.jsonl and checkpoint.pt go here")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    train.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a mixer option, VALUE in JSON (repeatable); in a hybrid KEY is a mixer "
+                            "name and VALUE its options, e.g. gla='{\"form\": \"chunk\"}'")
     _add_dataclass_args(train, ModelConfig, {"mixer_options"})
     _add_dataclass_args(train, TrainConfig, set())
     train.set_defaults(func=_cmd_train)
+
+    mixers = sub.add_parser("mixers", help="every registered mixer's decode state, decode and training "
+                                           "FLOPs and parameters at one width (analytic)")
+    mixers.add_argument("--d-model", type=int, default=768)
+    mixers.add_argument("--n-heads", type=int, default=12)
+    mixers.add_argument("--seq-len", type=int, default=2048, help="training sequence length T")
+    mixers.add_argument("--context-len", type=int, default=2048, help="tokens of context before decoding")
+    mixers.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="dtype of the state and weights")
+    mixers.add_argument("--n-layers", type=int, default=12,
+                        help="stack over which layer-dependent mixers are averaged")
+    mixers.set_defaults(func=_cmd_mixers)
     return parser
 
 

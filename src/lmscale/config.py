@@ -16,9 +16,21 @@ class ConfigError(ValueError):
         super().__init__(f"config field '{field_name}'={value!r}: {why}")
 
 
+HYBRID_ATTENTION = "attention"  # the mixer that ``attention_every`` interleaves
+
+
 @dataclass
 class ModelConfig:
-    """Shape of a GPT-style language model: pre-norm blocks of (mixer, GLU MLP), tied embeddings."""
+    """Shape of a GPT-style language model: pre-norm blocks of (mixer, GLU MLP), tied embeddings.
+
+    Every layer uses ``mixer`` unless the config declares a hybrid (Jamba style), one of two ways:
+    ``layers`` names each layer's mixer explicitly (then ``mixer`` is unused), or ``attention_every=N``
+    makes the last layer of each group of N softmax attention and the others ``mixer`` — layers N−1,
+    2N−1, … (0-based), so N=8 is Jamba's 1:7 ratio (Jamba itself puts attention at offset 4 of each
+    group; ``layers`` expresses that or any other placement). In a model that mixes several mixers,
+    ``mixer_options`` is keyed by mixer name, e.g. ``{"gla": {"form": "chunk"}, "attention":
+    {"impl": "math"}}``; each layer's mixer sees only its own options through ``layer_config``.
+    """
 
     mixer: str = "attention"
     vocab_size: int = 50257
@@ -32,8 +44,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     mixer_options: dict[str, Any] = field(default_factory=dict)
+    layers: list[str] | None = None  # one mixer name per layer; ``mixer`` is then unused
+    attention_every: int | None = None  # layers N−1, 2N−1, … are attention, the others ``mixer``
 
     def __post_init__(self) -> None:
+        if isinstance(self.layers, tuple):  # a list, so the config survives a JSON round trip unchanged
+            self.layers = list(self.layers)
         self.validate()
 
     def validate(self) -> None:
@@ -51,6 +67,68 @@ class ModelConfig:
             raise ConfigError("mlp_ratio", self.mlp_ratio, "must be positive")
         if not isinstance(self.mixer_options, dict):
             raise ConfigError("mixer_options", self.mixer_options, "must be a dict of mixer keyword options")
+        self._validate_layer_pattern()
+
+    def _validate_layer_pattern(self) -> None:
+        """Shape of the hybrid pattern; whether each name is a registered mixer is checked at build."""
+        if self.layers is not None and self.attention_every is not None:
+            raise ConfigError("attention_every", self.attention_every,
+                              "give either layers (each layer's mixer by name) or attention_every "
+                              "(one attention layer per group), not both")
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not all(isinstance(n, str) for n in self.layers):
+                raise ConfigError("layers", self.layers, "must be a list of mixer names, one per layer")
+            if len(self.layers) != self.n_layers:
+                raise ConfigError("layers", self.layers,
+                                  f"has {len(self.layers)} names; needs one per layer, n_layers={self.n_layers}")
+        if self.attention_every is not None:
+            every = self.attention_every
+            if not isinstance(every, int) or isinstance(every, bool) or not 2 <= every <= self.n_layers:
+                raise ConfigError("attention_every", every,
+                                  f"must be an integer from 2 to n_layers={self.n_layers} (one attention "
+                                  "layer per group of that many; 1 would make every layer attention)")
+            if self.mixer == HYBRID_ATTENTION:
+                raise ConfigError("mixer", self.mixer,
+                                  "attention_every interleaves attention with another mixer; name that "
+                                  "mixer here (e.g. 'gla')")
+        names = self.mixer_names
+        if len(names) > 1:
+            for name, options in self.mixer_options.items():
+                if name not in names:
+                    raise ConfigError(f"mixer_options[{name!r}]", options,
+                                      f"this model mixes {', '.join(names)}, so mixer_options is keyed by "
+                                      f"mixer name, e.g. {{{names[0]!r}: {{...}}}}")
+                if not isinstance(options, dict):
+                    raise ConfigError(f"mixer_options[{name!r}]", options,
+                                      f"must be a dict of {name!r}'s keyword options")
+
+    def mixer_for_layer(self, layer_idx: int) -> str:
+        """Name of the mixer in block ``layer_idx`` (0-based)."""
+        if not 0 <= layer_idx < self.n_layers:
+            raise IndexError(f"layer {layer_idx} of a model with n_layers={self.n_layers}")
+        if self.layers is not None:
+            return self.layers[layer_idx]
+        if self.attention_every is not None and (layer_idx + 1) % self.attention_every == 0:
+            return HYBRID_ATTENTION
+        return self.mixer
+
+    @property
+    def mixer_names(self) -> list[str]:
+        """The distinct mixers of the model, in order of first layer; more than one makes a hybrid."""
+        return list(dict.fromkeys(self.mixer_for_layer(i) for i in range(self.n_layers)))
+
+    def layer_field(self, layer_idx: int) -> str:
+        """The config field that chose layer ``layer_idx``'s mixer, for error messages."""
+        if self.layers is not None:
+            return f"layers[{layer_idx}]"
+        return "attention_every" if self.mixer_for_layer(layer_idx) != self.mixer else "mixer"
+
+    def layer_config(self, layer_idx: int) -> ModelConfig:
+        """The single-mixer config that layer ``layer_idx``'s mixer is built from: mixers know no hybrids."""
+        name = self.mixer_for_layer(layer_idx)
+        options = self.mixer_options.get(name, {}) if len(self.mixer_names) > 1 else self.mixer_options
+        return dataclasses.replace(self, mixer=name, mixer_options=dict(options), layers=None,
+                                   attention_every=None)
 
     @property
     def head_dim(self) -> int:

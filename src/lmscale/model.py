@@ -2,7 +2,9 @@
 
     tokens ─► embedding ─► n_layers × [x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] ─► RMSNorm ─► head
 The head shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from
-per-layer states (KV caches for attention, fixed-size matrices for recurrent mixers).
+per-layer states (KV caches for attention, fixed-size matrices for recurrent mixers). Each block's mixer
+is ``cfg.mixer_for_layer(i)``, so a hybrid (say GLA with one attention layer in four) is the same model
+with a per-layer list of states of different kinds.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Decoder-only LM; ``cfg.mixer`` chooses the sequence mixer of every block."""
+    """Decoder-only LM; block i's sequence mixer is ``cfg.mixer_for_layer(i)`` (see ModelConfig)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,14 +73,20 @@ class LanguageModel(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """GPT-2 init for every Linear and the embedding, except parameters a mixer marked
+        ``_no_reinit`` because its paper prescribes their initialisation (Mamba's Δ projection, LRU's B, C)."""
         std = self.cfg.init_std
+
+        def reinit(p: nn.Parameter | None) -> bool:
+            return p is not None and not getattr(p, "_no_reinit", False)
+
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and reinit(module.weight):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, nn.Linear) and reinit(module.bias):
                 nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
-            if name.endswith(RESIDUAL_PROJECTIONS):  # keep the residual stream's variance O(1) in depth
+            if name.endswith(RESIDUAL_PROJECTIONS) and reinit(p):  # residual variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(

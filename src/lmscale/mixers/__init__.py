@@ -20,14 +20,15 @@ __all__ = ["Cost", "Mixer", "Option", "UnknownMixerError", "available", "build_m
 
 
 class UnknownMixerError(ConfigError):
-    """``cfg.mixer`` names no registered mixer; the message lists them and suggests the closest."""
+    """A mixer name (``cfg.mixer`` or an entry of ``cfg.layers``) that is not registered; the message
+    lists the registered ones and suggests the closest."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, field_name: str = "mixer"):
         why = f"unknown mixer; valid mixers: {', '.join(available())}"
         close = difflib.get_close_matches(name, available(), n=1)
         if close:
             why += f". Did you mean {close[0]!r}?"
-        super().__init__("mixer", name, why)
+        super().__init__(field_name, name, why)
 
 
 def available() -> list[str]:
@@ -36,7 +37,26 @@ def available() -> list[str]:
 
 
 def build_mixer(cfg: ModelConfig, layer_idx: int) -> Mixer:
-    """The mixer for block ``layer_idx`` of a model shaped by ``cfg``."""
-    if cfg.mixer not in MIXERS:
-        raise UnknownMixerError(cfg.mixer)
-    return MIXERS[cfg.mixer](cfg, layer_idx)
+    """The mixer for block ``layer_idx`` of a model shaped by ``cfg``, hybrid or not.
+
+    The mixer is built from ``cfg.layer_config(layer_idx)``: a single-mixer view holding only its own
+    options. In a hybrid, its config errors are re-raised naming the hybrid's field and the layer.
+    """
+    layer_cfg = cfg.layer_config(layer_idx)
+    if layer_cfg.mixer not in MIXERS:
+        raise UnknownMixerError(layer_cfg.mixer, cfg.layer_field(layer_idx))
+    try:
+        return MIXERS[layer_cfg.mixer](layer_cfg, layer_idx)
+    except ConfigError as e:
+        if len(cfg.mixer_names) == 1:
+            raise
+        raise _in_hybrid(e, layer_cfg.mixer, layer_idx) from e
+
+
+def _in_hybrid(error: ConfigError, name: str, layer_idx: int) -> ConfigError:
+    """``error`` from one layer's view, restated for the hybrid config the user wrote."""
+    why = str(error).removeprefix(f"config field '{error.field}'={error.value!r}: ")
+    field_name = error.field
+    if field_name.startswith("mixer_options["):  # the view's options are the hybrid's options[name]
+        field_name = f"mixer_options[{name!r}]" + field_name.removeprefix("mixer_options")
+    return ConfigError(field_name, error.value, f"{why} (mixer {name!r} of layer {layer_idx})")

@@ -1,0 +1,62 @@
+"""Choosing a form by name, and what each form costs: the two things every mixer around this op needs."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lmscale.ops.gated_recurrence.chunk import chunk_gated_recurrence
+from lmscale.ops.gated_recurrence.naive import naive_gated_recurrence
+from lmscale.ops.gated_recurrence.parallel import parallel_gated_recurrence
+
+FORMS = ("chunk", "parallel", "naive")
+
+
+def gated_recurrence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor | None,
+    form: str = "chunk",
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """The recurrence in the named form (one of ``FORMS``); every form returns the same (o, final_state)."""
+    kwargs = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state}
+    if form == "chunk":
+        return chunk_gated_recurrence(q, k, v, log_g, chunk_size=chunk_size, **kwargs)
+    if form == "parallel":
+        return parallel_gated_recurrence(q, k, v, log_g, **kwargs)
+    if form == "naive":
+        return naive_gated_recurrence(q, k, v, log_g, **kwargs)
+    raise ValueError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
+
+
+def gated_recurrence_flops(seq_len: int, n_heads: int, d_k: int, d_v: int, form: str, chunk_size: int = 64) -> int:
+    """Matmul FLOPs of one sequence through the op (2·m·n·k per product, causal pairs only).
+
+    naive: per token, write k vᵀ and read Sᵀq (2·d_k·d_v each). parallel: per causal pair, q·k and
+    score·v. chunk: per padded chunk, the causal pairs inside it, its state (Kᵀ V) and the readout of
+    the entering state (Q S). Decays are elementwise and left out, as in ``Cost``.
+    """
+    T, H, C = seq_len, n_heads, chunk_size
+    if form == "naive":
+        return H * T * 4 * d_k * d_v
+    if form == "parallel":
+        return H * (T * (T + 1) // 2) * 2 * (d_k + d_v)
+    n_chunks = -(-T // C)
+    return H * n_chunks * ((C * (C + 1) // 2) * 2 * (d_k + d_v) + 2 * 2 * C * d_k * d_v)
+
+
+def gated_recurrence_elements_moved(seq_len: int, n_heads: int, d_k: int, d_v: int, form: str,
+                                    chunk_size: int = 64, gate_width: int | None = None) -> int:
+    """Elements the op reads and writes once, as a fused kernel would: q, k, v, the log gates, o, and for
+    the chunk form the chunk states written and read back. ``gate_width``: log gates per head and token
+    (d_k per channel, the default; 1 per head; 0 for none or a constant). Times the dtype size: bytes."""
+    T, H = seq_len, n_heads
+    gate_width = d_k if gate_width is None else gate_width
+    elements = H * T * (2 * d_k + 2 * d_v + gate_width)
+    if form == "chunk":
+        elements += 2 * -(-T // chunk_size) * H * d_k * d_v
+    return elements
