@@ -62,7 +62,8 @@ for mixer in mixers:
         print(f"{run_id}: validation loss {result.metrics['val_loss']:.4f}")
 
 # %%
-records = load_records(experiment).sort_values("run_id")
+records = load_records(experiment)
+records = records[records["status"] == "ok"].sort_values("run_id")  # a failed sweep run leaves an error record
 table = records[["run_id", "config.model.mixer", "seed", "metrics.params", "metrics.params_non_embedding",
                  "metrics.tokens", "metrics.val_loss", "metrics.val_perplexity", "metrics.val_bits_per_byte"]]
 table.columns = ["run", "mixer", "seed", "parameters", "non-embedding", "tokens", "val loss", "val ppl", "bits/byte"]

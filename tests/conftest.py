@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The unit tests use tiny models, for which a second thread costs more in synchronisation than it
+# saves; subprocesses (notebooks, torchrun) keep their own settings.
+torch.set_num_threads(1)
 
 
 def _require(condition: bool, message: str) -> None:

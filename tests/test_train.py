@@ -1,14 +1,25 @@
-"""The trainer on synthetic token streams: it learns, resumes exactly, and stops cleanly on bad input."""
+"""The trainer on synthetic token streams: it learns, resumes exactly (also after SIGTERM), stops early
+or cleanly on bad input, and reports throughput, MFU and memory."""
 
+import functools
 import itertools
+import json
+import logging
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import lmscale.train as train_mod
+from lmscale.cli import build_parser
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
+from lmscale.model import LanguageModel
 from lmscale.train import (
     CheckpointError,
     TokenData,
@@ -16,8 +27,12 @@ from lmscale.train import (
     batch_at,
     load_checkpoint,
     lr_at,
+    peak_flops,
     train,
+    train_and_record,
 )
+
+TESTS = Path(__file__).resolve().parent
 
 
 def _data(n=20_000, vocab=257, seed=0):
@@ -147,3 +162,202 @@ def test_impossible_configs_name_the_field():
     small_vocab = ModelConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
     with pytest.raises(ConfigError, match="'vocab_size'=100: the data holds token id"):
         train(small_vocab, train_cfg, _data())
+
+
+def _losses(result):
+    return [p["loss"] for p in result.curves["train"]], [p["loss"] for p in result.curves["eval"]]
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10:80] == [1.0] * 70  # stable until the last decay_fraction of the steps
+    drops = [a - b for a, b in itertools.pairwise(lrs[79:])]
+    assert drops == pytest.approx([0.9 / 20] * 20)  # linear, reaching the floor at the last step
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+    data = _data()
+    model_cfg, whole = _cfgs(steps=6, batch_size=8, log_interval=1)
+    _, split = _cfgs(steps=6, batch_size=4, grad_accum_steps=2, log_interval=1)
+    a, b = train(model_cfg, whole, data), train(model_cfg, split, data)
+    # the same 8 windows per step, summed in two halves: equal up to float32 rounding
+    assert _losses(b)[0] == pytest.approx(_losses(a)[0], rel=1e-5)
+    assert _losses(b)[1] == pytest.approx(_losses(a)[1], rel=1e-5)
+    assert a.metrics["tokens"] == b.metrics["tokens"] == 6 * 8 * 32
+    assert b.metrics["sequences_per_step"] == 8 and b.curves["train"][-1]["tokens"] == 6 * 8 * 32
+
+
+def test_bf16_autocast_is_off_on_cpu_unless_asked():
+    data = _data()
+    model_cfg, auto = _cfgs(steps=4, warmup_steps=1)
+    _, bf16 = _cfgs(steps=4, warmup_steps=1, autocast="bf16")
+    fp32_run, bf16_run = train(model_cfg, auto, data), train(model_cfg, bf16, data)
+    assert fp32_run.metrics["autocast"] == "off" and bf16_run.metrics["autocast"] == "bf16"
+    fp32_loss, bf16_loss = _losses(fp32_run)[1][-1], _losses(bf16_run)[1][-1]
+    assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, abs=0.05)
+
+
+def test_compiled_model_trains_like_the_eager_one(monkeypatch):
+    # aot_eager traces forward and backward as torch.compile does, minus inductor's C++ code generation,
+    # whose first CPU step alone takes ~45 s here; GPU runs exercise inductor itself.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    data = _data()
+    model_cfg, eager = _cfgs(steps=3, warmup_steps=1, log_interval=1)
+    _, compiled = _cfgs(steps=3, warmup_steps=1, log_interval=1, compile=True)
+    a, b = train(model_cfg, eager, data), train(model_cfg, compiled, data)
+    assert _losses(b)[0] == pytest.approx(_losses(a)[0], rel=1e-4)
+    assert list(b.model.state_dict()) == list(a.model.state_dict())  # checkpoints keep plain names
+
+
+def test_early_stopping_records_that_and_where(tmp_path):
+    data = _data()
+    # no evaluation can beat the first by 10 nats, so the second and third fail and patience 2 runs out
+    model_cfg, train_cfg = _cfgs(steps=30, eval_interval=4, early_stopping_patience=2, early_stopping_min_delta=10.0)
+    path, result = train_and_record("early-stop", model_cfg, train_cfg, data, data_name="synthetic",
+                                    out_dir=tmp_path / "run", results_root=tmp_path / "results")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert metrics["stopped_early"] is True and metrics["stopped_at_step"] == 12
+    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 8 * 32
+    assert [p["step"] for p in result.curves["eval"]] == [4, 8, 12] and result.curves["train"][-1]["step"] == 12
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 12
+    again = train(model_cfg, train_cfg, data, out_dir=tmp_path / "run", resume=True)  # nothing left to do
+    assert again.metrics["steps"] == 12 and again.curves == result.curves
+
+
+def test_resume_is_exact_with_accumulation_wsd_and_early_stopping(tmp_path, monkeypatch):
+    data = _data()
+    # evaluations at 5, 10, 15, …; nothing counts as improving after the first, so patience 2 stops at 15
+    # only if the resumed run remembers the evaluation at 10 that came before its checkpoint
+    model_cfg, train_cfg = _cfgs(steps=30, batch_size=4, grad_accum_steps=2, schedule="wsd", decay_fraction=0.5,
+                                 eval_interval=5, checkpoint_interval=10, early_stopping_patience=2,
+                                 early_stopping_min_delta=10.0)
+    whole = train(model_cfg, train_cfg, data, out_dir=tmp_path / "whole")
+    real_batch_at = train_mod.batch_at
+
+    def crash_at_step_13(tokens, batch_size, seq_len, seed, step):
+        if step == 13:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_batch_at(tokens, batch_size, seq_len, seed, step)
+
+    monkeypatch.setattr(train_mod, "batch_at", crash_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_cfg, train_cfg, data, out_dir=tmp_path / "cut")
+    monkeypatch.setattr(train_mod, "batch_at", real_batch_at)
+    resumed = train(model_cfg, train_cfg, data, out_dir=tmp_path / "cut", resume=True)
+    assert whole.metrics["stopped_at_step"] == resumed.metrics["stopped_at_step"] == 15
+    assert _losses(resumed) == _losses(whole)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+SIGTERM_RUN = """
+import sys, time
+import torch
+sys.path.insert(0, {tests!r})
+import lmscale.train as train_mod
+from test_train import _data, _cfgs
+
+torch.set_num_threads({threads})
+real_batch_at = train_mod.batch_at
+
+def slow_batch_at(*args):  # time for the signal to land mid-run; the numbers are unchanged
+    time.sleep(0.05)
+    return real_batch_at(*args)
+
+train_mod.batch_at = slow_batch_at
+train_mod.train(*_cfgs(steps=40), _data(), out_dir={out!r})
+"""
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resume_is_exact(tmp_path):
+    data = _data()
+    model_cfg, train_cfg = _cfgs(steps=40)
+    whole = train(model_cfg, train_cfg, data)
+    out = tmp_path / "run"
+    script = SIGTERM_RUN.format(tests=str(TESTS), threads=torch.get_num_threads(), out=str(out))
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and '"step": 10' in log.read_text()):
+        assert child.poll() is None and time.monotonic() < deadline, "the training run did not reach step 10"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode != 0 and "TrainingInterrupted: training stopped by SIGTERM after step" in err, err
+    stopped_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 10 <= stopped_at < 40
+    resumed = train(model_cfg, train_cfg, data, out_dir=out, resume=True)
+    assert _losses(resumed) == _losses(whole)
+
+
+def test_mfu_is_analytic_flops_over_a_given_peak_and_absent_on_cpu_otherwise():
+    data = _data()
+    model_cfg, plain = _cfgs(steps=4, warmup_steps=1)
+    _, with_peak = _cfgs(steps=4, warmup_steps=1, peak_flops=1e12)
+    m = train(model_cfg, plain, data).metrics
+    assert m["mfu"] is None and "set peak_flops" in m["peak_flops_source"]
+    assert m["peak_memory_bytes"] > 10 * 2**20 and "max RSS" in m["peak_memory_source"]
+    m = train(model_cfg, with_peak, data).metrics
+    flops_per_token = 3 * LanguageModel(model_cfg).flops_per_token(32)
+    assert m["flops_per_token"] == flops_per_token
+    assert m["mfu"] == pytest.approx(m["tokens_per_second"] * flops_per_token / 1e12)
+
+
+def test_peak_flops_comes_from_the_gpu_table(monkeypatch):
+    cfg = TrainConfig()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(cfg, torch.device("cuda")) == (989.4e12, "bf16 dense peak of NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    peak, why = peak_flops(cfg, torch.device("cuda"))
+    assert peak is None and "'Some Future GPU' is not in" in why
+    assert peak_flops(TrainConfig(peak_flops=5e14), torch.device("cuda"))[0] == 5e14
+
+
+def test_missing_tensorboard_is_one_clear_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails as if not installed
+    model_cfg, train_cfg = _cfgs(steps=2, warmup_steps=1)
+    with caplog.at_level(logging.WARNING, logger="lmscale.train"):
+        train(model_cfg, train_cfg, _data(), out_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(lines) == 1 and "pip install tensorboard" in lines[0]
+    assert (tmp_path / "log.jsonl").is_file() and not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_events_are_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install tensorboard")
+    model_cfg, train_cfg = _cfgs(steps=2, warmup_steps=1)
+    train(model_cfg, train_cfg, _data(), out_dir=tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("grad_accum_steps", 0, "must be a positive integer"),
+    ("schedule", "linear", "must be one of 'cosine', 'wsd'"),
+    ("decay_fraction", 0.0, r"must lie in \(0, 1\]"),
+    ("autocast", "fp16", "must be one of 'auto', 'bf16', 'off'"),
+    ("parallel", "tp", "must be one of 'auto', 'none', 'ddp', 'fsdp'"),
+    ("early_stopping_patience", -1, "must be a non-negative integer"),
+    ("early_stopping_min_delta", -0.1, "must be non-negative"),
+    ("compile", "yes", "must be True or False"),
+    ("peak_flops", 0, "must be the device's peak FLOP/s"),
+])
+def test_new_training_fields_name_themselves(field, value, message):
+    with pytest.raises(ConfigError, match=rf"'{field}'=.*{message}"):
+        TrainConfig(**{field: value})
+
+
+def test_wsd_decay_that_does_not_fit_names_decay_fraction():
+    with pytest.raises(ConfigError, match="'decay_fraction'=0.9: wsd's decay takes 90 steps and warmup 20"):
+        TrainConfig(steps=100, warmup_steps=20, schedule="wsd", decay_fraction=0.9)
+
+
+def test_cli_switches_take_true_or_false_and_peak_flops_a_number(capsys):
+    args = build_parser().parse_args(["train", "--compile", "--tensorboard", "False", "--peak-flops", "989.4e12"])
+    assert args.compile is True and args.tensorboard is False and args.peak_flops == 989.4e12
+    assert build_parser().parse_args(["train"]).compile is None  # unset: TrainConfig's default applies
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--compile", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err

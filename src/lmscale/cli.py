@@ -16,8 +16,16 @@ def _name_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",")]
 
 
+def _switch(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no): ``bool("False")`` would be True."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 # parsers for fields whose default (None) does not tell their type; keyed by the annotation
-_OPTIONAL_FIELD_TYPES = {"int | None": int, "list[str] | None": _name_list}
+_OPTIONAL_FIELD_TYPES = {"int | None": int, "float | None": float, "list[str] | None": _name_list}
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
@@ -26,6 +34,10 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) ->
         if f.name in skip:
             continue
         default = f.default
+        if isinstance(default, bool):  # --compile alone means --compile true
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_switch, nargs="?", const=True,
+                                default=None, metavar="true|false", help=f"default {default!r}")
+            continue
         if default is None:
             kind = _OPTIONAL_FIELD_TYPES.get(str(f.type), str)
         else:
@@ -89,8 +101,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = TokenData.from_corpus(args.corpus)
     path, result = train_and_record(
         args.experiment, model_cfg, train_cfg, data, data_name="corpus",
-        out_dir=args.out_dir, resume=args.resume, progress=sys.stderr.isatty(),
+        out_dir=args.out_dir, resume=args.resume, progress=sys.stderr.isatty(), run_id=args.run_id,
     )
+    if path is None:  # a torchrun process other than rank 0, which reports for all
+        return 0
     print(json.dumps(result.metrics, indent=2))
     print(f"record: {path}")
     return 0
@@ -107,6 +121,15 @@ def _cmd_mixers(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120):
         print(format_mixer_table(table))
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Exit status 1 when any run failed, so scripts notice; its error record says why."""
+    from lmscale.sweep import format_summary, load_spec, run_sweep
+
+    outcomes = run_sweep(load_spec(args.spec), jobs=args.jobs, dry_run=args.dry_run, progress=True)
+    print(format_summary(outcomes))
+    return 1 if any(o.status == "error" for o in outcomes) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "name and VALUE its options, e.g. gla='{\"form\": \"chunk\"}'")
     _add_dataclass_args(train, ModelConfig, {"mixer_options"})
     _add_dataclass_args(train, TrainConfig, set())
+    train.add_argument("--run-id", default=None,
+                       help="the record's name (default: date and a random suffix); sweeps derive it from the parameters")
     train.set_defaults(func=_cmd_train)
+
+    sweep = sub.add_parser("sweep", help="train every point of a YAML spec's grid, each in its own process; "
+                                         "runs with an ok record are skipped, failed ones retried")
+    sweep.add_argument("spec", type=Path, help="YAML: experiment, runner (direct|papermill), fixed, grid")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at once (each child then gets one thread)")
+    sweep.add_argument("--dry-run", action="store_true", help="check the spec and list the runs; run nothing")
+    sweep.set_defaults(func=_cmd_sweep)
 
     mixers = sub.add_parser("mixers", help="every registered mixer's decode state, decode and training "
                                            "FLOPs and parameters at one width (analytic)")
@@ -147,7 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     mixers.add_argument("--n-layers", type=int, default=12,
                         help="stack over which layer-dependent mixers are averaged")
     mixers.set_defaults(func=_cmd_mixers)
+
+    presets = sub.add_parser("presets", help="the named sizes (tiny … 1.3B) for every mixer, MLP width "
+                                             "solved so parameters match attention's within ±5%%")
+    presets.add_argument("--mixer", action="extend", nargs="+", default=None, help="only these mixers")
+    presets.set_defaults(func=_cmd_presets)
+
+    budget = sub.add_parser("budget", help="training tokens for a model size by each published rule "
+                                           "(Chinchilla 20×, its fit, Epoch's refit, data-constrained)")
+    budget.add_argument("--params", required=True, help="parameters N, e.g. 125M, 1.3B or 6.5e6")
+    budget.add_argument("--unique-tokens", default=None, help="unique tokens in the corpus, e.g. 6.5M")
+    budget.set_defaults(func=_cmd_budget)
     return parser
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from lmscale.scaling import format_budgets, parse_count
+
+    unique = None if args.unique_tokens is None else parse_count(args.unique_tokens, "unique_tokens")
+    print(format_budgets(parse_count(args.params, "params"), unique))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from lmscale.presets import format_preset_table, preset_table
+
+    print(format_preset_table(preset_table(args.mixer)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

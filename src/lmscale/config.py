@@ -151,36 +151,59 @@ class ModelConfig:
         return cls(**d)
 
 
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")  # auto: ddp under torchrun (WORLD_SIZE > 1), else none
+AUTOCAST_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, off elsewhere
+SCHEDULES = ("cosine", "wsd")
+
+
 @dataclass
 class TrainConfig:
-    """One training run: optimiser, schedule, batch geometry, evaluation and checkpoint cadence."""
+    """One training run: optimiser, schedule, batch geometry, evaluation, checkpoints and scale-out.
+
+    Batch geometry, the same whatever the number of processes: ``batch_size`` sequences of ``seq_len``
+    tokens go through one forward/backward (a micro-step; under torchrun each of W processes takes
+    batch_size / W of them), and ``grad_accum_steps`` micro-steps make one optimiser step. The global
+    batch is therefore ``batch_size × grad_accum_steps`` sequences, ``× seq_len`` tokens per step; more
+    processes at the same config give the same run with less memory per device.
+    """
 
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per micro-step, summed over processes
     seq_len: int = 128
+    grad_accum_steps: int = 1  # micro-steps per optimiser step
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 20
+    schedule: str = "cosine"  # "cosine": warmup then cosine decay; "wsd": warmup, stable, linear decay
+    decay_fraction: float = 0.2  # wsd: share of all steps spent in the final linear decay
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_interval: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 8  # global batches of fixed validation windows per evaluation
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
+    early_stopping_min_delta: float = 0.0  # an improvement lowers the best validation loss by more than this
     log_interval: int = 10
-    checkpoint_interval: int = 0  # 0: checkpoint only at the end
+    checkpoint_interval: int = 0  # 0: checkpoint only at the end (and on SIGTERM)
     seed: int = 0
     device: str = "cpu"
+    autocast: str = "auto"
+    compile: bool = False  # torch.compile the model for training
+    parallel: str = "auto"
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: the GPU table (none on CPU)
+    tensorboard: bool = True  # also write TensorBoard events to out_dir/tensorboard (if installed)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "eval_interval", "eval_batches",
+                     "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(name, value, "must be a positive integer")
-        for name in ("warmup_steps", "checkpoint_interval", "seed"):
+        for name in ("warmup_steps", "checkpoint_interval", "seed", "early_stopping_patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(name, value, "must be a non-negative integer")
@@ -190,6 +213,7 @@ class TrainConfig:
             raise ConfigError("lr", self.lr, "must be positive")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
+        self._validate_schedule()
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must lie in [0, 1)")
@@ -197,8 +221,46 @@ class TrainConfig:
             raise ConfigError("weight_decay", self.weight_decay, "must be non-negative")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip", self.grad_clip, "must be non-negative (0 disables clipping)")
+        if not self.early_stopping_min_delta >= 0:
+            raise ConfigError("early_stopping_min_delta", self.early_stopping_min_delta, "must be non-negative")
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
             raise ConfigError("device", self.device, "must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        for name, choices in (("autocast", AUTOCAST_MODES), ("parallel", PARALLEL_MODES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
+        for name in ("compile", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "must be True or False")
+        if self.peak_flops is not None and not (
+            isinstance(self.peak_flops, (int, float)) and not isinstance(self.peak_flops, bool) and self.peak_flops > 0
+        ):
+            raise ConfigError("peak_flops", self.peak_flops,
+                              "must be the device's peak FLOP/s, a positive number such as 989.4e12, or None")
+
+    def _validate_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("schedule", self.schedule, f"must be one of {', '.join(map(repr, SCHEDULES))}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError("decay_fraction", self.decay_fraction, "must lie in (0, 1], e.g. 0.2 (the last 20% "
+                                                                     "of steps decay)")
+        if self.schedule == "wsd" and self.warmup_steps + self.decay_steps > self.steps:
+            raise ConfigError("decay_fraction", self.decay_fraction,
+                              f"wsd's decay takes {self.decay_steps} steps and warmup {self.warmup_steps}, more "
+                              f"than steps={self.steps}; lower decay_fraction or warmup_steps")
+
+    @property
+    def decay_steps(self) -> int:
+        """Steps of the WSD schedule's final linear decay (at least one)."""
+        return max(1, round(self.decay_fraction * self.steps))
+
+    @property
+    def sequences_per_step(self) -> int:
+        """The global batch: sequences per optimiser step, over all micro-steps and processes."""
+        return self.batch_size * self.grad_accum_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

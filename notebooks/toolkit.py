@@ -1,0 +1,142 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The toolkit: train, sweep, scale
+#
+# Every number in this report is produced by the same few functions, whether they run inside a
+# notebook on a laptop or under `torchrun` on a GPU node. This chapter shows them: the size presets
+# that make models comparable, the token budgets that say how long to train them, the trainer and
+# what its logs and records hold, sweeps, and the Hugging Face face of the models. The example at the
+# end runs live when the book is built.
+
+# %%
+import json
+import tempfile
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import torch
+from IPython.display import Markdown
+
+from lmscale import plots
+from lmscale.config import TrainConfig
+from lmscale.presets import PRESETS, preset, preset_table
+from lmscale.scaling import token_budgets
+from lmscale.train import TokenData, train_and_record
+
+plots.setup()
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# %% [markdown]
+# ## Comparable models: size presets
+#
+# A comparison between mixers is only fair at equal parameter count. The presets follow the shapes of
+# GPT-3 {cite:p}`brown2020gpt3` and Pythia {cite:p}`biderman2023pythia` (width, depth and heads of
+# the attention model) and, for every other mixer, solve for the width of the SwiGLU feed-forward layer
+# so that the **non-embedding** parameter count matches the attention model's within ±5 % — depth and
+# width stay the same, so only how parameters are spent differs. Counting uses shape-only models on
+# PyTorch's meta device; nothing is allocated.
+
+# %%
+table = preset_table()
+wide = table.pivot(index="mixer", columns="preset", values="ratio_to_attention")[list(PRESETS)]
+plots.table(wide.reset_index(), "presets", formats={p: "{:.3f}" for p in PRESETS})
+
+# %%
+assert ((table["ratio_to_attention"] - 1).abs() <= 0.05).all()
+shapes = table[table["mixer"] == "attention"][["preset", "d_model", "n_layers", "n_heads", "params",
+                                               "non_embedding_params"]]
+plots.table(shapes, "shapes", formats={"params": "{:,}", "non_embedding_params": "{:,}"})
+
+# %% [markdown]
+# ## How long to train: token budgets
+#
+# Hoffmann et al. {cite:p}`hoffmann2022chinchilla` found compute-optimal training uses about 20 tokens
+# per parameter, and fitted $L(N, D) = E + A/N^\alpha + B/D^\beta$; the Epoch AI replication
+# {cite:p}`besiroglu2024chinchilla` re-fitted the same data with different constants. When the unique
+# data is smaller than the budget, repeated epochs are worth less than fresh tokens; Muennighoff et
+# al. {cite:p}`muennighoff2023datalimited` model the effective data after $R$ repetitions as
+# $D' = U\,(1 + R^{*}(1 - e^{-R/R^{*}}))$ with $R^{*} \approx 15.4$. `lmscale budget --params 125M`
+# prints the same numbers as this table, computed by the same function. These are literature rules,
+# labelled with their sources; the report's own scaling fits come later.
+
+# %%
+unique = TokenData.from_corpus().train.shape[0]
+rows = []
+for name in PRESETS[2:]:
+    n = float(table[(table["preset"] == name) & (table["mixer"] == "attention")]["params"].iloc[0])
+    for budget in token_budgets(n, unique_tokens=unique):
+        rows.append({"preset": name, "rule": budget.rule, "tokens (B)": budget.tokens / 1e9,
+                     "tokens/param": budget.tokens / n, "compute (FLOPs)": budget.compute,
+                     "source": budget.citation})
+budgets = pd.DataFrame(rows)
+plots.table(budgets, "budgets", formats={"tokens (B)": "{:.2f}", "tokens/param": "{:.1f}",
+                                         "compute (FLOPs)": "{:.2e}"})
+
+# %%
+Markdown(
+    f"With the {unique / 1e6:.2f}M training tokens of this report's corpus, every budget above repeats the "
+    "data many times: the data-constrained rule says where repetition stops paying. Larger runs therefore "
+    "need more data than the offline corpus holds (see the corpus chapter)."
+)
+
+# %% [markdown]
+# ## Training
+#
+# `lmscale train` (or `lmscale.train.train_and_record` from Python) trains one model: AdamW with
+# decoupled weight decay on matrices only {cite:p}`loshchilov2019adamw`, linear warmup then cosine
+# or warmup-stable-decay, gradient clipping, gradient accumulation, bf16 autocast on GPUs, optional
+# `torch.compile`, periodic evaluation (loss, perplexity, bits per byte) and early stopping. It writes
+#
+# - `OUT_DIR/log.jsonl`: one line per logged step (`kind: "train"`: step, tokens, loss, learning
+#   rate, gradient norm, tokens per second, and model FLOPs utilisation where the device's peak is
+#   known) and per evaluation (`kind: "eval"`); TensorBoard event files too when `tensorboard` is
+#   installed;
+# - `OUT_DIR/checkpoint.pt`: model, optimiser and step, every `checkpoint_interval` steps, at the end,
+#   and when the process receives SIGTERM; `--resume` continues from it and reproduces the
+#   uninterrupted run exactly, because every batch is a function of the seed and the step only;
+# - `data/results/<experiment>/<run_id>.jsonl`: the **result record** the book reads.
+#
+# The same trainer runs data-parallel under `torchrun` (DDP, or FSDP2 with `fully_shard`): the same
+# config is the same run on 1 or N processes, because `batch_size` counts the sequences of one
+# micro-step across all processes (the README has the multi-GPU and multi-node commands); sweeps expand a YAML grid into runs (`lmscale sweep SPEC.yaml`), run several
+# at once and skip runs whose record exists, so an interrupted sweep resumes.
+#
+# A live example: the tiny preset, GLA, 60 steps on the corpus.
+
+# %%
+results = Path(tempfile.mkdtemp())
+out_dir = Path(tempfile.mkdtemp())
+model_cfg = preset("tiny", "gla", max_seq_len=64)
+train_cfg = TrainConfig(steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=6, eval_interval=20,
+                        eval_batches=4, log_interval=5, seed=0, tensorboard=False)
+path, result = train_and_record("toolkit-example", model_cfg, train_cfg, TokenData.from_corpus(),
+                                data_name="corpus", out_dir=out_dir, results_root=results, run_id="tiny-gla")
+record = json.loads(path.read_text())
+print(f"record keys: {sorted(record)}")
+print(f"metrics: {sorted(record['metrics'])}")
+print(f"provenance: {sorted(record['provenance'])}")
+
+# %%
+log = pd.read_json(out_dir / "log.jsonl", lines=True)
+alt.Chart(log).mark_line(point=True).encode(
+    x=alt.X("step:Q"), y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="loss (nats/token)"),
+    color=alt.Color("kind:N", title="log line"),
+).properties(title="log.jsonl of the live example: training and evaluation loss", width=520, height=260)
+
+# %% tags=["nbval-ignore-output"]
+Markdown(f"*The record above was written on {record['provenance']['hardware']['cpu']} "
+         f"({record['provenance']['hardware']['device']}), torch {record['provenance']['versions']['torch']}, "
+         f"commit {str(record['provenance']['git_commit'])[:10]}, {record['provenance']['date']}; "
+         f"{result.metrics['tokens_per_second']:,.0f} tokens/s.*")

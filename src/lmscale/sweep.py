@@ -1,0 +1,425 @@
+"""Sweeps: an experiment is a list of runs, and a sweep is the product of a spec's lists (Zoology style).
+
+A YAML spec names the experiment, the runner, fixed parameters and a grid::
+
+    experiment: tiny-sweep
+    runner: direct          # or papermill (through notebooks/train.py)
+    fixed: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32, max_seq_len: 32, steps: 20}
+    grid: {mixer: [attention, gla], seed: [0, 1]}
+
+Every run executes in its own process (``python -m lmscale train`` or papermill on the template), so
+one run's crash, memory or thread settings cannot touch another, and writes
+``<results>/<experiment>/<run_id>.jsonl``. The run id is a pure function of the parameters, so running
+a spec again skips every run whose record has status "ok" and runs the others: an interrupted sweep
+resumes. A run that fails leaves a record with status "error" (its parameters and the tail of its
+stderr) and the sweep goes on; error records are not skipped, so the next run of the spec retries them.
+The spec is checked whole before any run starts: unknown keys, empty grid axes, parameters the runner
+does not know, values of the wrong type and, for the direct runner, impossible configs.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmscale
+from lmscale.config import ConfigError, ModelConfig, TrainConfig
+from lmscale.paths import repo_root, results_dir
+from lmscale.results import _check_name, make_record, read_records, write_record
+
+SPEC_KEYS = ("experiment", "runner", "fixed", "grid")
+RUNNERS = ("direct", "papermill")
+# The parameters that name a run, in the order of notebooks/train.py's run id.
+ID_FIELDS = ("mixer", "d_model", "n_layers", "n_heads", "seq_len", "steps", "seed")
+STDERR_TAIL_CHARS = 6000
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed spec: ``grid`` maps each axis to its non-empty list of values."""
+
+    experiment: str
+    runner: str
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of the grid: ``params`` is every runner parameter (defaults filled in), ``point`` its grid values."""
+
+    run_id: str
+    params: dict[str, Any]
+    point: dict[str, Any]
+    given: tuple[str, ...]  # the parameters the spec sets (fixed and grid), the rest are defaults
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What became of a run: status "ok" or "error" (ran now), "skipped" (an ok record existed), or, in a
+    dry run, "to run" / "to retry" (an error record exists)."""
+
+    run_id: str
+    status: str
+    point: dict[str, Any]
+    val_loss: float | None = None
+    seconds: float | None = None
+    record: Path | None = None
+
+
+def load_spec(path: Path | str) -> SweepSpec:
+    """Read and check a YAML spec; any problem raises ConfigError naming the key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError("spec", str(path), f"cannot read the sweep spec ({e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("spec", str(path), f"is not valid YAML ({e})") from e
+    return parse_spec(data, str(path))
+
+
+def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+    """Check the spec's shape (keys, types, non-empty axes); parameter names are checked by ``expand``."""
+    if not isinstance(data, dict):
+        raise ConfigError("spec", source, f"must be a mapping with keys {', '.join(SPEC_KEYS)}")
+    for key in data:
+        if key not in SPEC_KEYS:
+            raise ConfigError(str(key), data[key], f"unknown sweep spec key in {source}; valid keys: {', '.join(SPEC_KEYS)}")
+    experiment = data.get("experiment")
+    if not isinstance(experiment, str):
+        raise ConfigError("experiment", experiment, f"{source} must name the experiment (records go to "
+                                                    "data/results/<experiment>/)")
+    _check_name("experiment", experiment)
+    runner = data.get("runner", "direct")
+    if runner not in RUNNERS:
+        raise ConfigError("runner", runner, f"must be one of {', '.join(RUNNERS)}")
+    fixed = data.get("fixed") or {}
+    grid = data.get("grid") or {}
+    for name, section in (("fixed", fixed), ("grid", grid)):
+        if not isinstance(section, dict):
+            raise ConfigError(name, section, "must be a mapping of parameter names to values")
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"grid.{key}", values, f"must be a list of values, e.g. [{values!r}]; "
+                                                     "a single value belongs in fixed")
+        if not values:
+            raise ConfigError(f"grid.{key}", values, "is empty: an axis needs at least one value "
+                                                     "(an empty axis would make no runs)")
+        if key in fixed:
+            raise ConfigError(f"grid.{key}", values, "is also in fixed; give each parameter in one place")
+    return SweepSpec(experiment=experiment, runner=runner, fixed=dict(fixed), grid=dict(grid))
+
+
+def run_id_for(params: Mapping[str, Any], grid_keys: list[str] | tuple[str, ...]) -> str:
+    """The template's id, plus a short hash of the grid axes it does not name, so those runs stay distinct."""
+    base = "{mixer}-d{d_model}-l{n_layers}-h{n_heads}-t{seq_len}-s{steps}-seed{seed}".format(**params)
+    rest = {key: params[key] for key in sorted(grid_keys) if key not in ID_FIELDS}
+    if not rest:
+        return base
+    digest = hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{base}-{digest}"
+
+
+def expand(spec: SweepSpec) -> list[Run]:
+    """The runs of a spec, in grid order (last axis fastest), each checked against its runner."""
+    return _expand(spec, _make_runner(spec.runner))
+
+
+def run_sweep(
+    spec: SweepSpec,
+    jobs: int = 1,
+    dry_run: bool = False,
+    results_root: Path | None = None,
+    progress: bool = False,
+) -> list[RunOutcome]:
+    """Run every run of ``spec`` that has no ok record yet, ``jobs`` at a time; one outcome per run, in grid order."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError("jobs", jobs, "must be a positive integer (runs executed at once)")
+    runner = _make_runner(spec.runner)
+    runs = _expand(spec, runner)
+    root = Path(results_root or results_dir()).resolve()
+    outcomes: dict[str, RunOutcome] = {}
+    todo: list[Run] = []
+    for run in runs:  # read every existing record before starting anything
+        path = root / spec.experiment / f"{run.run_id}.jsonl"
+        record = _existing_record(path, run)
+        if record is not None and record.get("status") == "ok":
+            outcomes[run.run_id] = RunOutcome(run.run_id, "skipped", run.point, record["metrics"].get("val_loss"),
+                                              record=path)
+        elif dry_run:
+            outcomes[run.run_id] = RunOutcome(run.run_id, "to retry" if record else "to run", run.point)
+        else:
+            todo.append(run)
+    if todo:
+        env = _child_env(root, jobs)
+        with tempfile.TemporaryDirectory(prefix="lmscale-sweep-") as workdir, ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_execute, run, spec.experiment, runner, env, root, Path(workdir)) for run in todo]
+            try:
+                for done, future in enumerate(as_completed(futures), 1):
+                    outcome = future.result()
+                    outcomes[outcome.run_id] = outcome
+                    if progress:
+                        print(f"[{done}/{len(todo)}] {outcome.run_id}: {outcome.status} ({outcome.seconds:.1f} s)",
+                              file=sys.stderr, flush=True)
+            except BaseException:  # Ctrl-C: start nothing new; running children got the signal too
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return [outcomes[run.run_id] for run in runs]
+
+
+def format_summary(outcomes: list[RunOutcome]) -> str:
+    """A plain-text table: run id, grid values, status, validation loss, seconds."""
+    axes = list(dict.fromkeys(key for o in outcomes for key in o.point))
+    header = ["run_id", *axes, "status", "val_loss", "seconds"]
+    rows = [
+        [o.run_id, *(_cell(o.point.get(a)) for a in axes), o.status,
+         "-" if o.val_loss is None else f"{o.val_loss:.4f}", "-" if o.seconds is None else f"{o.seconds:.1f}"]
+        for o in outcomes
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in (header, *rows)]
+    counts = {s: sum(o.status == s for o in outcomes) for s in dict.fromkeys(o.status for o in outcomes)}
+    lines.append(f"{len(outcomes)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# ----------------------------------------------------------------------------------------------- runners
+
+
+class _DirectRunner:
+    """``python -m lmscale train``: the parameters are ModelConfig and TrainConfig fields."""
+
+    name = "direct"
+
+    def __init__(self) -> None:
+        self.model_fields = {f.name: _field_default(f) for f in dataclasses.fields(ModelConfig)}
+        self.train_fields = {f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)}
+        self.defaults = {**self.model_fields, **self.train_fields}
+
+    def check(self, run: Run) -> None:
+        """Build the configs the child will build, so an impossible one fails before any run starts."""
+        try:
+            ModelConfig(**{k: v for k, v in run.params.items() if k in self.model_fields})
+            TrainConfig(**{k: v for k, v in run.params.items() if k in self.train_fields})
+        except ConfigError as e:
+            why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
+            raise ConfigError(e.field, e.value, f"{why} (run {run.run_id})") from e
+
+    def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
+        argv = [sys.executable, "-m", "lmscale", "train", "--experiment", experiment, "--run-id", run.run_id]
+        for key in run.given:
+            value = run.params[key]
+            flag = f"--{key.replace('_', '-')}"
+            if key == "mixer_options":
+                argv += [arg for name, option in value.items()
+                         for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
+            elif isinstance(value, list):
+                argv += [flag, ",".join(value)]
+            elif value is not None:
+                argv += [flag, str(value)]
+        return argv, None, repo_root()
+
+
+class _PapermillRunner:
+    """Papermill on the jupytext template ``notebooks/train.py``: the parameters are its parameters cell's."""
+
+    name = "papermill"
+
+    def __init__(self, template: Path | None = None) -> None:
+        missing = [m for m in ("jupytext", "papermill") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError("runner", "papermill", f"needs {' and '.join(missing)} (pip install 'lmscale[book]'); "
+                                                     "or use runner: direct")
+        self.template = template or repo_root() / "notebooks" / "train.py"
+        proc = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", str(self.template), "-o", "-"],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ConfigError("runner", "papermill", f"jupytext cannot convert {self.template}: {proc.stderr[-2000:]}")
+        self.notebook = proc.stdout
+        self.defaults = _parameters_cell(json.loads(self.notebook), self.template)
+        self.defaults.pop("experiment", None)  # the spec's top-level experiment sets it
+        lacking = [f for f in ID_FIELDS if f not in self.defaults]
+        if lacking:
+            raise ConfigError("runner", "papermill", f"{self.template}'s parameters cell lacks {lacking}, "
+                                                     "which name its runs")
+
+    def check(self, run: Run) -> None:
+        """The template names runs by ``ID_FIELDS`` alone, so other axes would overwrite each other's record.
+
+        The values themselves are the notebook's to check; a bad one becomes the run's error record.
+        """
+        for key in run.point:
+            if key not in ID_FIELDS:
+                raise ConfigError(f"grid.{key}", run.point[key], f"{self.template.name} names its runs by "
+                                  f"{', '.join(ID_FIELDS)} alone, so runs differing in {key} would overwrite "
+                                  "each other's record; vary it with runner: direct, or put it in fixed")
+
+    def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
+        argv = [sys.executable, "-m", "papermill", "-", str(workdir / f"{run.run_id}.ipynb"),
+                "--cwd", str(self.template.parent), "--no-progress-bar",
+                "-y", json.dumps({"experiment": experiment, **{k: run.params[k] for k in run.given}})]
+        return argv, self.notebook, self.template.parent
+
+
+def _make_runner(name: str) -> _DirectRunner | _PapermillRunner:
+    return _DirectRunner() if name == "direct" else _PapermillRunner()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _parameters_cell(notebook: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Names and literal defaults of the cell tagged ``parameters``, as papermill sees it."""
+    for cell in notebook["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            return {
+                node.targets[0].id: ast.literal_eval(node.value)
+                for node in ast.parse(source).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            }
+    raise ConfigError("runner", "papermill", f"{where} has no cell tagged 'parameters'")
+
+
+# ------------------------------------------------------------------------------------------- expansion
+
+
+def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[Run]:
+    for section, values in (("fixed", spec.fixed), ("grid", spec.grid)):
+        for key, value in values.items():
+            if key not in runner.defaults:
+                hint = " (set it at the top level of the spec)" if key == "experiment" else ""
+                raise ConfigError(f"{section}.{key}", value, f"not a parameter of the {runner.name} runner{hint}; "
+                                                            f"valid: {', '.join(sorted(runner.defaults))}")
+            for item in value if section == "grid" else [value]:
+                _check_type(f"{section}.{key}", item, runner.defaults[key])
+    axes = list(spec.grid)
+    given = tuple(dict.fromkeys([*spec.fixed, *axes]))
+    runs, seen = [], {}
+    for values in itertools.product(*(spec.grid[a] for a in axes)):
+        point = dict(zip(axes, values))
+        params = {**runner.defaults, **spec.fixed, **point}
+        run_id = run_id_for(params, axes)
+        _check_name("run_id", run_id)
+        if run_id in seen:
+            raise ConfigError("grid", point, f"gives the same run id {run_id!r} as {seen[run_id]}; "
+                                             "remove the repeated value")
+        seen[run_id] = point
+        run = Run(run_id=run_id, params=params, point=point, given=given)
+        runner.check(run)
+        runs.append(run)
+    return runs
+
+
+def _check_type(field_name: str, value: Any, default: Any) -> None:
+    """Values must have their default's type (ints count as floats); None defaults are left to the configs."""
+    if default is None:
+        return
+    expected: tuple[type, ...] = (int, float) if type(default) is float else (type(default),)
+    if isinstance(value, expected) and not (isinstance(value, bool) and type(default) is not bool):
+        return
+    hint = ""
+    if isinstance(value, str) and type(default) in (int, float):
+        hint = "; YAML reads 1e-3 as text, write 1.0e-3"
+    raise ConfigError(field_name, value, f"must be a {type(default).__name__} like the default {default!r}{hint}")
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+
+def _existing_record(path: Path, run: Run) -> dict[str, Any] | None:
+    """The run's record if there is one; an ok record whose config contradicts the spec is an error, not a skip."""
+    record = _last_record(path)
+    if record is None or record.get("status") != "ok":
+        return record
+    clash = _disagreement(record, run)
+    if clash:
+        key, stored = clash
+        raise ConfigError(key, run.params[key], f"{path} holds a finished run with {key}={stored!r} under "
+                                                "the same run id, which would be skipped; delete that record "
+                                                "or use another experiment name")
+    return record
+
+
+def _disagreement(record: dict[str, Any], run: Run) -> tuple[str, Any] | None:
+    """The first parameter the spec sets that a train record holds with another value, and that value."""
+    config = record["config"]
+    stored = {**config.get("model", {}), **config.get("train", {})}
+    for key in run.given:
+        if key in stored and stored[key] != run.params[key]:
+            return key, stored[key]
+    return None
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    records = read_records(path) if path.is_file() else []
+    return records[-1] if records else None
+
+
+def _child_env(root: Path, jobs: int) -> dict[str, str]:
+    """Children import this lmscale and write to this results folder; parallel runs get one thread each."""
+    env = dict(os.environ, LMSCALE_RESULTS=str(root))
+    src = str(Path(lmscale.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner, env: dict[str, str],
+             root: Path, workdir: Path) -> RunOutcome:
+    """Run one child process; whatever goes wrong becomes an error record, never an exception."""
+    path = root / experiment / f"{run.run_id}.jsonl"
+    argv: list[str] = []
+    start = time.perf_counter()
+    try:
+        argv, stdin, cwd = runner.command(experiment, run, workdir)
+        proc = subprocess.run(argv, input=stdin, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        record = _last_record(path)
+        finished = proc.returncode == 0 and record is not None and record.get("status") == "ok"
+        clash = _disagreement(record, run) if finished else None
+        if finished and not clash:
+            return RunOutcome(run.run_id, "ok", run.point, record["metrics"].get("val_loss"), seconds, path)
+        if clash:  # e.g. a flag the command line parses otherwise than the spec means it
+            reason = (f"the run trained with {clash[0]}={clash[1]!r} where the spec asks {run.params[clash[0]]!r}; "
+                      f"the {runner.name} runner did not pass {clash[0]} through")
+        elif proc.returncode == 0:
+            reason = (f"the {runner.name} runner exited cleanly but wrote no record at {path}; "
+                      "does it name its runs as the sweep does?")
+        else:
+            reason = f"exited with code {proc.returncode}"
+        tail = (proc.stderr or proc.stdout)[-STDERR_TAIL_CHARS:]
+    except (OSError, ValueError, subprocess.SubprocessError):  # cannot start it, or its record is unreadable
+        seconds = time.perf_counter() - start
+        reason, tail = "could not be run", traceback.format_exc()[-STDERR_TAIL_CHARS:]
+    error = {"reason": reason, "stderr_tail": tail, "command": shlex.join(argv), "seconds": seconds}
+    record = make_record(experiment, kind="train", config={"runner": runner.name, "params": run.params},
+                         seed=run.params["seed"], metrics={}, run_id=run.run_id, device=run.params.get("device"),
+                         status="error", extra={"error": error})
+    return RunOutcome(run.run_id, "error", run.point, None, seconds, write_record(record, root))
+
