@@ -7,27 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from test_train import _data as make_data  # the same learnable stream as the single-process tests
 
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
 from lmscale.distributed import World, world_from_env
-from lmscale.train import TokenData, load_checkpoint, train
+from lmscale.train import load_checkpoint, train
 
 TESTS = Path(__file__).resolve().parent
-
-
-def make_data(n=20_000, vocab=257, seed=0):
-    """A learnable stream: a fixed random successor for each token, 10% noise."""
-    rng = np.random.default_rng(seed)
-    successor = rng.integers(0, vocab, size=vocab)
-    tokens = np.empty(n, dtype=np.uint16)
-    tokens[0] = 1
-    for i in range(1, n):
-        tokens[i] = successor[tokens[i - 1]] if rng.random() < 0.9 else rng.integers(0, vocab)
-    return TokenData(train=tokens[:18_000], validation=tokens[18_000:], bytes_per_token={"validation": 4.0})
 
 
 def configs(**train_overrides):

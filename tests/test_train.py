@@ -55,6 +55,19 @@ def _cfgs(mixer="attention", steps=30, **train_overrides):
     return model, TrainConfig(**options)
 
 
+def _crash_at_step(crash_step, monkeypatch):
+    """Make training raise KeyboardInterrupt when it asks for the batch of ``crash_step``; returns the real batch_at."""
+    real_batch_at = train_mod.batch_at
+
+    def crashing(tokens, batch_size, seq_len, seed, step):
+        if step == crash_step:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_batch_at(tokens, batch_size, seq_len, seed, step)
+
+    monkeypatch.setattr(train_mod, "batch_at", crashing)
+    return real_batch_at
+
+
 def test_schedule_warms_up_then_decays_to_floor():
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]
@@ -89,14 +102,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     model_cfg, train_cfg = _cfgs(steps=20, checkpoint_interval=10)
     whole = train(model_cfg, train_cfg, data, out_dir=tmp_path / "whole")
 
-    real_batch_at = train_mod.batch_at
-
-    def crash_at_step_13(tokens, batch_size, seq_len, seed, step):
-        if step == 13:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_batch_at(tokens, batch_size, seq_len, seed, step)
-
-    monkeypatch.setattr(train_mod, "batch_at", crash_at_step_13)
+    real_batch_at = _crash_at_step(13, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(model_cfg, train_cfg, data, out_dir=tmp_path / "cut")
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 10
@@ -235,14 +241,7 @@ def test_resume_is_exact_with_accumulation_wsd_and_early_stopping(tmp_path, monk
                                  eval_interval=5, checkpoint_interval=10, early_stopping_patience=2,
                                  early_stopping_min_delta=10.0)
     whole = train(model_cfg, train_cfg, data, out_dir=tmp_path / "whole")
-    real_batch_at = train_mod.batch_at
-
-    def crash_at_step_13(tokens, batch_size, seq_len, seed, step):
-        if step == 13:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_batch_at(tokens, batch_size, seq_len, seed, step)
-
-    monkeypatch.setattr(train_mod, "batch_at", crash_at_step_13)
+    real_batch_at = _crash_at_step(13, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(model_cfg, train_cfg, data, out_dir=tmp_path / "cut")
     monkeypatch.setattr(train_mod, "batch_at", real_batch_at)
