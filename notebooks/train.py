@@ -26,6 +26,7 @@
 # %% tags=["parameters"]
 experiment = "tiny-compare"
 mixer = "attention"
+preset = None  # e.g. "tiny": a size preset (lmscale presets) instead of d_model, n_layers, n_heads
 d_model = 64
 n_layers = 2
 n_heads = 2
@@ -44,13 +45,18 @@ mixer_options = {}
 import torch
 
 from lmscale.config import ModelConfig, TrainConfig
+from lmscale.presets import preset as size_preset
 from lmscale.train import TokenData, train_and_record
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-model_cfg = ModelConfig(
-    mixer=mixer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_seq_len=seq_len,
-    mixer_options=dict(mixer_options),
-)
+if preset:
+    model_cfg = size_preset(preset, mixer, max_seq_len=seq_len, mixer_options=dict(mixer_options))
+    d_model, n_layers, n_heads = model_cfg.d_model, model_cfg.n_layers, model_cfg.n_heads
+else:
+    model_cfg = ModelConfig(
+        mixer=mixer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_seq_len=seq_len,
+        mixer_options=dict(mixer_options),
+    )
 train_cfg = TrainConfig(
     steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
     eval_interval=eval_interval, eval_batches=eval_batches, log_interval=5, seed=seed, device=device,

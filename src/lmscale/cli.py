@@ -96,7 +96,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lmscale.train import TokenData, train_and_record
 
     model_fields = _picked(args, ModelConfig, {"mixer_options"})
-    model_cfg = ModelConfig(**model_fields, mixer_options=_parse_options(args.mixer_option))
+    options = _parse_options(args.mixer_option)
+    if args.preset:  # the preset's shape, parameter-matched for this mixer; explicit flags override
+        from lmscale.presets import preset
+
+        model_cfg = preset(args.preset, model_fields.pop("mixer", "attention"), **model_fields,
+                           **({"mixer_options": options} if options else {}))
+    else:
+        model_cfg = ModelConfig(**model_fields, mixer_options=options)
     train_cfg = TrainConfig(**_picked(args, TrainConfig, set()))
     data = TokenData.from_corpus(args.corpus)
     path, result = train_and_record(
@@ -151,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", default="train", help="records go to data/results/<experiment>/")
     train.add_argument("--corpus", type=Path, default=None, help="corpus folder (default data/corpus)")
     train.add_argument("--out-dir", type=Path, default=None, help="log.jsonl and checkpoint.pt go here")
+    train.add_argument("--preset", default=None,
+                       help="a size preset (see `lmscale presets`); other model flags override it")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     train.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE",
                        help="a mixer option, VALUE in JSON (repeatable); in a hybrid KEY is a mixer "
