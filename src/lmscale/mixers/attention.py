@@ -21,16 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.rope import apply_rope
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _is_none_or_positive_int(value: object) -> bool:
-    return value is None or _is_positive_int(value)
+    return value is None or is_positive_int(value)
 
 
 @dataclass(frozen=True)

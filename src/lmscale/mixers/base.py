@@ -27,6 +27,11 @@ class Cost:
     bytes: int
 
 
+def is_positive_int(value: object) -> bool:
+    """An int > 0 that is not a bool (``True`` is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class Option:
     """One mixer option: its default, a validity check, and the allowed values in words for errors."""

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
 from lmscale.mixers.attention import Attention
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -55,12 +55,8 @@ CONV_SIZE = 3  # BaseConv's kernel taps
 CONV_EXPAND = 2  # BaseConv's inner channels per model channel
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _is_feature_dim(value: object) -> bool:
-    return _is_positive_int(value) and value <= MAX_FEATURE_DIM
+    return is_positive_int(value) and value <= MAX_FEATURE_DIM
 
 
 def _is_pattern(value: object) -> bool:
@@ -71,7 +67,7 @@ LINEAR_ATTENTION_OPTIONS = {  # shared with JRT's prefix linear attention
     "feature_dim": Option(16, f"an integer from 1 to {MAX_FEATURE_DIM}: φ has 1 + F + F² channels per head, "
                               "so the state grows as F² (the paper uses 16)", _is_feature_dim),
     "form": Option.choice("chunk", FORMS),
-    "chunk_size": Option(64, "a positive integer", _is_positive_int),
+    "chunk_size": Option(64, "a positive integer", is_positive_int),
 }
 
 
@@ -253,7 +249,7 @@ class Based(Mixer):
         "pattern": Option(PAPER_PATTERN, "a non-empty list of layer kinds, each one of 'conv', 'linear', "
                                          "'sliding', repeated over the depth", _is_pattern),
         "window": Option(64, "a positive integer: how many past positions a sliding-window layer sees",
-                         _is_positive_int),
+                         is_positive_int),
         **LINEAR_ATTENTION_OPTIONS,
     }
     forms_option = "form"

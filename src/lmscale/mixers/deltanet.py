@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.delta_rule import chunk_delta_rule, delta_rule_step, naive_delta_rule
 from lmscale.ops.gated_recurrence.naive import compute_dtype
 
@@ -39,10 +39,6 @@ FORMS = ("chunk", "naive")
 L2_NORM_EPS = 1e-6
 DECAY_RATE_INIT = (1.0, 16.0)  # A ~ U(1, 16), Mamba-2's range (a lower bound of 0 could draw log 0)
 STEP_INIT = (1e-3, 1e-1)  # Δ ~ log-uniform; floored at 1e-4
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -59,8 +55,8 @@ class DeltaNet(Mixer):
 
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
-        "conv_size": Option(4, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
+        "conv_size": Option(4, "a positive integer", is_positive_int),
     }
     forms_option = "form"
     family = "delta rule"

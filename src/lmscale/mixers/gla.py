@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -34,10 +34,6 @@ def _is_positive_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @register("gla")
 class GatedLinearAttention(Mixer):
     """GLA layer; ``form`` picks which gated-recurrence form ``forward`` runs, ``step`` is recurrent."""
@@ -45,9 +41,9 @@ class GatedLinearAttention(Mixer):
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
         "expand_k": Option(0.5, "a positive number", _is_positive_number),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
         "gate_temperature": Option(16.0, "a positive number", _is_positive_number),
-        "gate_low_rank": Option(16, "a positive integer", _is_positive_int),
+        "gate_low_rank": Option(16, "a positive integer", is_positive_int),
         "output_gate": Option(True, "True or False", lambda value: isinstance(value, bool)),
     }
     forms_option = "form"

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.cumulative_softmax import (
     FORMS,
     CumulativeSoftmaxState,
@@ -49,10 +49,6 @@ def _is_window(value: object) -> bool:
     if isinstance(value, str):
         return value in ("auto", "global")
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def layer_window(window: str | int, layer_idx: int, n_layers: int, max_seq_len: int) -> int | None:
@@ -80,7 +76,7 @@ class Leap(Mixer):
     options: ClassVar[dict[str, Option]] = {
         "window": Option("auto", "'auto', 'global' or an integer ≥ 1", _is_window),
         "form": Option.choice("chunk", FORMS),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
     }
     forms_option = "form"
     family = "additive attention (LEAP)"

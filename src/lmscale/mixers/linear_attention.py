@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -36,10 +36,6 @@ EPS = 1e-6
 FEATURE_MAPS = {"elu+1": lambda x: F.elu(x) + 1, "identity": lambda x: x}
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @register("linear_attention")
 class LinearAttention(Mixer):
     """Kernelised causal attention as a recurrence; ``form`` picks the op's form, ``step`` is recurrent."""
@@ -48,7 +44,7 @@ class LinearAttention(Mixer):
         "feature_map": Option.choice("elu+1", tuple(FEATURE_MAPS)),
         "normalize": Option(True, "True or False", lambda value: isinstance(value, bool)),
         "form": Option.choice("chunk", FORMS),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
     }
     forms_option = "form"
     family = "linear attention"

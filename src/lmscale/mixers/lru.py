@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.diagonal_scan import (
     chunk_diagonal_scan,
     diagonal_scan_step,
@@ -38,10 +38,6 @@ from lmscale.ops.diagonal_scan import (
 )
 
 SCANS = ("chunk", "parallel", "sequential")
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _is_real(value: object) -> bool:
@@ -64,12 +60,12 @@ class LinearRecurrentUnit(Mixer):
     options: ClassVar[dict[str, Option]] = {
         "scan": Option.choice("chunk", SCANS),
         "d_state": Option(None, "a positive integer, or None for d_model",
-                          lambda value: value is None or _is_positive_int(value)),
+                          lambda value: value is None or is_positive_int(value)),
         "r_min": Option(0.9, "a number in [0, 1)", lambda value: _is_real(value) and 0 <= value < 1),
         "r_max": Option(0.999, "a number in [0, 1)", lambda value: _is_real(value) and 0 <= value < 1),
         "max_phase": Option(2 * math.pi, "a number in (0, 2π]",
                             lambda value: _is_real(value) and 0 < value <= 2 * math.pi),
-        "chunk_size": Option(32, "a positive integer", _is_positive_int),
+        "chunk_size": Option(32, "a positive integer", is_positive_int),
     }
     forms_option = "scan"
     family = "linear recurrent unit (diagonal, complex)"

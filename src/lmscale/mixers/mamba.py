@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.diagonal_scan import (
     chunk_diagonal_scan,
     diagonal_scan_step,
@@ -39,10 +39,6 @@ from lmscale.ops.diagonal_scan import (
 
 SCANS = ("chunk", "parallel", "sequential")
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,10 +65,10 @@ class Mamba(Mixer):
 
     options: ClassVar[dict[str, Option]] = {
         "scan": Option.choice("chunk", SCANS),
-        "d_state": Option(16, "a positive integer", _is_positive_int),
-        "expand": Option(2, "a positive integer", _is_positive_int),
-        "conv_size": Option(4, "a positive integer", _is_positive_int),
-        "chunk_size": Option(16, "a positive integer", _is_positive_int),
+        "d_state": Option(16, "a positive integer", is_positive_int),
+        "expand": Option(2, "a positive integer", is_positive_int),
+        "conv_size": Option(4, "a positive integer", is_positive_int),
+        "chunk_size": Option(16, "a positive integer", is_positive_int),
     }
     forms_option = "scan"
     family = "selective state space"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -38,10 +38,6 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence_step,
 )
 from lmscale.rope import apply_rope
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ class Retention(Mixer):
 
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
     }
     forms_option = "form"
     family = "retention"

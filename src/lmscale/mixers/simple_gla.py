@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, register
+from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -41,17 +41,13 @@ DT_INIT_RANGE = (1e-3, 1e-1)
 DT_INIT_FLOOR = 1e-4
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @register("simple_gla")
 class SimpleGatedLinearAttention(Mixer):
     """GLA with a scalar gate per head; ``form`` picks the op's form ``forward`` runs, ``step`` is recurrent."""
 
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
-        "chunk_size": Option(64, "a positive integer", _is_positive_int),
+        "chunk_size": Option(64, "a positive integer", is_positive_int),
     }
     forms_option = "form"
     family = "gated linear recurrence (scalar)"
