@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+TRITON := triton==3.6.0
 CORPUS := data/corpus/manifest.json
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
@@ -28,11 +29,12 @@ test: book browser
 
 setup: $(STAMP)
 
-# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
+# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build. Triton pinned to the GPU
+# machine's version, so the interpreter in the tests runs the same compiler front end.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet $(TORCH) $(TRITON)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@

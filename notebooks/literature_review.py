@@ -404,7 +404,8 @@ assert close(torch.cat(stepped, dim=1), hybrid(tokens))
 # Every mixer states its costs analytically — the decoding state it carries (`state_bytes`), the
 # FLOPs and bytes of one decoding step (`step_cost`) and of a forward pass (`cost`). The table
 # evaluates them for one layer at the width of a 125M-parameter model ($d = 768$, 12 heads, bfloat16
-# state), decoding after 2,048 tokens and training at $T = 2048$ (forward + backward ≈ 3× the forward
+# weights and activations; recurrent states are accumulated and kept in float32, as the kernels keep
+# them, and a KV cache in bfloat16), decoding after 2,048 tokens and training at $T = 2048$ (forward + backward ≈ 3× the forward
 # matmul FLOPs {cite:p}`kaplan2020scaling`). Mixers whose layers differ (LEAP's windows, Based's mix of
 # layer kinds) are averaged over a 12-layer stack. These are predictions; later chapters measure.
 

@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # saves; subprocesses (notebooks, torchrun) keep their own settings.
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before any
+# kernel is defined, i.e. before lmscale.ops.triton's modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _require(condition: bool, message: str) -> None:
     if condition:

@@ -174,7 +174,8 @@ def test_unknown_mixer_error_lists_valid_names_and_suggests():
         ("gla", {"form": "fast"}, "mixer_options['form']", "'chunk', 'parallel', 'naive'"),
         ("gla", {"chunk_size": 0}, "mixer_options['chunk_size']", "positive integer"),
         ("gla", {"expand_k": 0.3}, "mixer_options['expand_k']", "multiple of n_heads"),
-        ("gla", {"impl": "math"}, "mixer_options['impl']", "chunk_size, expand_k, form"),
+        ("gla", {"impl": "math"}, "mixer_options['impl']", "'auto', 'triton', 'torch'"),
+        ("gla", {"kernel": "triton"}, "mixer_options['kernel']", "chunk_size, expand_k, form"),
     ],
 )
 def test_bad_options_raise_config_error(name, options, field, hint):

@@ -26,8 +26,10 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence,
     gated_recurrence_elements_moved,
     gated_recurrence_flops,
-    gated_recurrence_step,
+    recurrent_step,
 )
+from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.ops.triton import IMPLS
 
 
 def _is_positive_number(value: object) -> bool:
@@ -45,6 +47,7 @@ class GatedLinearAttention(Mixer):
         "gate_temperature": Option(16.0, "a positive number", _is_positive_number),
         "gate_low_rank": Option(16, "a positive integer", is_positive_int),
         "output_gate": Option(True, "True or False", lambda value: isinstance(value, bool)),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "gated linear recurrence"
@@ -60,7 +63,7 @@ class GatedLinearAttention(Mixer):
                               f"n_heads={cfg.n_heads}")
         key_dim = int(key_dim)
         self.layer_idx = layer_idx
-        self.form, self.chunk_size = opts["form"], opts["chunk_size"]
+        self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.gate_temperature, self.gate_low_rank = float(opts["gate_temperature"]), opts["gate_low_rank"]
         self.d_model, self.n_heads, self.key_dim = cfg.d_model, cfg.n_heads, key_dim
         self.head_k_dim, self.head_v_dim = key_dim // cfg.n_heads, cfg.head_dim
@@ -99,22 +102,22 @@ class GatedLinearAttention(Mixer):
     ) -> Tensor | tuple[Tensor, Tensor]:
         q, k, v, log_g = self._project(x)
         o, final_state = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
-                                          initial_state=state, output_final_state=return_state)
+                                          initial_state=state, output_final_state=return_state, impl=self.impl)
         y = self._readout(o, x)
         return (y, final_state) if return_state else y
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         q, k, v, log_g = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1)))  # (B, H, D)
-        o_t, state = gated_recurrence_step(q, k, v, log_g, state)
+        o_t, state = recurrent_step(q, k, v, log_g, state, impl=self.impl)
         return self._readout(o_t.unsqueeze(2), x_t.unsqueeze(1)).squeeze(1), state
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
         shape = (batch_size, self.n_heads, self.head_k_dim, self.head_v_dim)
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(shape, device=device, dtype=compute_dtype(dtype))
 
     def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dk, Dv] matrix whatever the context length."""
-        return self.n_heads * self.head_k_dim * self.head_v_dim * dtype.itemsize
+        """One [H, Dk, Dv] matrix whatever the context length, kept in at least float32."""
+        return self.n_heads * self.head_k_dim * self.head_v_dim * compute_dtype(dtype).itemsize
 
     def _projection_flops(self, T: int) -> int:
         """q, k (d -> dk_all); v, o and the output gate (d -> d); the low-rank decay (d -> r -> dk_all)."""
@@ -140,5 +143,5 @@ class GatedLinearAttention(Mixer):
         H, dk, dv, d = self.n_heads, self.head_k_dim, self.head_v_dim, self.d_model
         core = gated_recurrence_flops(1, H, dk, dv, "naive")  # decay-and-add k vᵀ, read Sᵀq: O(1) in context
         # weights, the state read and written, x in, y out
-        traffic = self.weight_bytes(dtype) + (2 * H * dk * dv + 2 * d) * dtype.itemsize
+        traffic = self.weight_bytes(dtype) + 2 * self.state_bytes(context_len, dtype) + 2 * d * dtype.itemsize
         return Cost(flops=self._projection_flops(1) + core, bytes=traffic)

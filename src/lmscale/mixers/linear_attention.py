@@ -29,8 +29,10 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence,
     gated_recurrence_elements_moved,
     gated_recurrence_flops,
-    gated_recurrence_step,
+    recurrent_step,
 )
+from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.ops.triton import IMPLS
 
 EPS = 1e-6
 FEATURE_MAPS = {"elu+1": lambda x: F.elu(x) + 1, "identity": lambda x: x}
@@ -45,6 +47,7 @@ class LinearAttention(Mixer):
         "normalize": Option(True, "True or False", lambda value: isinstance(value, bool)),
         "form": Option.choice("chunk", FORMS),
         "chunk_size": Option(64, "a positive integer", is_positive_int),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "linear attention"
@@ -60,7 +63,7 @@ class LinearAttention(Mixer):
                               "so set normalize=False")
         self.layer_idx = layer_idx
         self.feature_map, self.normalize = FEATURE_MAPS[opts["feature_map"]], opts["normalize"]
-        self.form, self.chunk_size = opts["form"], opts["chunk_size"]
+        self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.state_v_dim = self.head_dim + self.normalize  # the ones column carries the normaliser
         # normalised, a scale cancels in the ratio (and would only shift ε); unnormalised, 1/√D_k as attention
@@ -95,22 +98,23 @@ class LinearAttention(Mixer):
         q, k, v = self._project(x)
         o, final_state = gated_recurrence(q, k, v, None, form=self.form, scale=self.scale,
                                           chunk_size=self.chunk_size, initial_state=state,
-                                          output_final_state=return_state)
+                                          output_final_state=return_state, impl=self.impl)
         y = self._readout(o)
         return (y, final_state) if return_state else y
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         q, k, v = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1)))  # (B, H, D)
-        o_t, state = gated_recurrence_step(q, k, v, None, state, scale=self.scale)
+        o_t, state = recurrent_step(q, k, v, None, state, scale=self.scale, impl=self.impl)
         return self._readout(o_t.unsqueeze(2)).squeeze(1), state
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
         shape = (batch_size, self.n_heads, self.head_dim, self.state_v_dim)
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(shape, device=device, dtype=compute_dtype(dtype))
 
     def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dh, Dh + 1] matrix (S and z side by side; Dh without normalising), whatever the context."""
-        return self.n_heads * self.head_dim * self.state_v_dim * dtype.itemsize
+        """One [H, Dh, Dh + 1] matrix (S and z side by side; Dh without normalising), whatever the context,
+        kept in at least float32."""
+        return self.n_heads * self.head_dim * self.state_v_dim * compute_dtype(dtype).itemsize
 
     def cost(self, seq_len: int, dtype: torch.dtype = torch.float32) -> Cost:
         """Matmul FLOPs of the q, k, v, o projections and the op's form on values one column wider when
@@ -129,5 +133,5 @@ class LinearAttention(Mixer):
         H, dk, d = self.n_heads, self.head_dim, self.d_model
         core = gated_recurrence_flops(1, H, dk, self.state_v_dim, "naive")  # add φ(k) vᵀ, read Sᵀφ(q): O(1)
         # weights, the state read and written, x in, y out
-        traffic = self.weight_bytes(dtype) + (2 * H * dk * self.state_v_dim + 2 * d) * dtype.itemsize
+        traffic = self.weight_bytes(dtype) + 2 * self.state_bytes(context_len, dtype) + 2 * d * dtype.itemsize
         return Cost(flops=4 * 2 * d * d + core, bytes=traffic)

@@ -35,8 +35,10 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence,
     gated_recurrence_elements_moved,
     gated_recurrence_flops,
-    gated_recurrence_step,
+    recurrent_step,
 )
+from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.ops.triton import IMPLS
 from lmscale.rope import apply_rope
 
 
@@ -55,6 +57,7 @@ class Retention(Mixer):
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
         "chunk_size": Option(64, "a positive integer", is_positive_int),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "retention"
@@ -67,7 +70,7 @@ class Retention(Mixer):
             raise ConfigError("d_model", cfg.d_model,
                               f"d_model / n_heads = {cfg.head_dim} must be even: RoPE rotates channel pairs")
         self.layer_idx = layer_idx
-        self.form, self.chunk_size = opts["form"], opts["chunk_size"]
+        self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -108,23 +111,25 @@ class Retention(Mixer):
         start, S = (0, None) if state is None else (state.position, state.S)
         q, k, v, log_g = self._project(x, start)
         o, final_S = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
-                                      initial_state=S, output_final_state=return_state)
+                                      initial_state=S, output_final_state=return_state, impl=self.impl)
         y = self._readout(o, x)
         return (y, RetentionState(final_S, start + x.shape[1])) if return_state else y
 
     def step(self, x_t: Tensor, state: RetentionState) -> tuple[Tensor, RetentionState]:
         q, k, v, log_g = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1), state.position))  # (B, H[, Dh])
-        o_t, S = gated_recurrence_step(q, k, v, log_g, state.S)
+        o_t, S = recurrent_step(q, k, v, log_g, state.S, impl=self.impl)
         y_t = self._readout(o_t.unsqueeze(2), x_t.unsqueeze(1)).squeeze(1)
         return y_t, RetentionState(S, state.position + 1)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> RetentionState:
-        S = torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=dtype)
+        S = torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device,
+                        dtype=compute_dtype(dtype))
         return RetentionState(S, 0)
 
     def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dh, Dh] matrix whatever the context length (the position is one shared integer)."""
-        return self.n_heads * self.head_dim * self.head_dim * dtype.itemsize
+        """One [H, Dh, Dh] matrix whatever the context length, kept in at least float32 (the position is
+        one shared integer)."""
+        return self.n_heads * self.head_dim * self.head_dim * compute_dtype(dtype).itemsize
 
     def cost(self, seq_len: int, dtype: torch.dtype = torch.float32) -> Cost:
         """Matmul FLOPs of the q, k, v, gate, o projections and the op's form (``gated_recurrence_flops``:
@@ -142,5 +147,5 @@ class Retention(Mixer):
         H, dh, d = self.n_heads, self.head_dim, self.d_model
         core = gated_recurrence_flops(1, H, dh, dh, "naive")  # decay-and-add k vᵀ, read Sᵀq: O(1) in context
         # weights, the state read and written, x in, y out
-        traffic = self.weight_bytes(dtype) + (2 * H * dh * dh + 2 * d) * dtype.itemsize
+        traffic = self.weight_bytes(dtype) + 2 * self.state_bytes(context_len, dtype) + 2 * d * dtype.itemsize
         return Cost(flops=5 * 2 * d * d + core, bytes=traffic)

@@ -33,8 +33,10 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence,
     gated_recurrence_elements_moved,
     gated_recurrence_flops,
-    gated_recurrence_step,
+    recurrent_step,
 )
+from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.ops.triton import IMPLS
 
 A_INIT_RANGE = (1.0, 16.0)  # Mamba-2's defaults
 DT_INIT_RANGE = (1e-3, 1e-1)
@@ -48,6 +50,7 @@ class SimpleGatedLinearAttention(Mixer):
     options: ClassVar[dict[str, Option]] = {
         "form": Option.choice("chunk", FORMS),
         "chunk_size": Option(64, "a positive integer", is_positive_int),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "gated linear recurrence (scalar)"
@@ -57,7 +60,7 @@ class SimpleGatedLinearAttention(Mixer):
         super().__init__()
         opts = self.read_options(cfg)
         self.layer_idx = layer_idx
-        self.form, self.chunk_size = opts["form"], opts["chunk_size"]
+        self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -94,22 +97,22 @@ class SimpleGatedLinearAttention(Mixer):
     ) -> Tensor | tuple[Tensor, Tensor]:
         q, k, v, log_g = self._project(x)
         o, final_state = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
-                                          initial_state=state, output_final_state=return_state)
+                                          initial_state=state, output_final_state=return_state, impl=self.impl)
         y = self._readout(o, x)
         return (y, final_state) if return_state else y
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         q, k, v, log_g = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1)))  # (B, H[, Dh])
-        o_t, state = gated_recurrence_step(q, k, v, log_g, state)
+        o_t, state = recurrent_step(q, k, v, log_g, state, impl=self.impl)
         return self._readout(o_t.unsqueeze(2), x_t.unsqueeze(1)).squeeze(1), state
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
         shape = (batch_size, self.n_heads, self.head_dim, self.head_dim)
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(shape, device=device, dtype=compute_dtype(dtype))
 
     def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dh, Dh] matrix whatever the context length."""
-        return self.n_heads * self.head_dim * self.head_dim * dtype.itemsize
+        """One [H, Dh, Dh] matrix whatever the context length, kept in at least float32."""
+        return self.n_heads * self.head_dim * self.head_dim * compute_dtype(dtype).itemsize
 
     def _projection_flops(self, T: int) -> int:
         """q, k, v, output gate, o (d -> d) and the step sizes (d -> H)."""
@@ -132,5 +135,5 @@ class SimpleGatedLinearAttention(Mixer):
         H, dh, d = self.n_heads, self.head_dim, self.d_model
         core = gated_recurrence_flops(1, H, dh, dh, "naive")  # decay-and-add k vᵀ, read Sᵀq: O(1) in context
         # weights, the state read and written, x in, y out
-        traffic = self.weight_bytes(dtype) + (2 * H * dh * dh + 2 * d) * dtype.itemsize
+        traffic = self.weight_bytes(dtype) + 2 * self.state_bytes(context_len, dtype) + 2 * d * dtype.itemsize
         return Cost(flops=self._projection_flops(1) + core, bytes=traffic)

@@ -7,7 +7,8 @@ One recurrence, three forms with the flash-linear-attention signature
 - ``parallel``: the quadratic masked form, attention-like;
 - ``chunk``: intra-chunk parallel plus inter-chunk state passing, linear in T.
 
-``gated_recurrence(..., form=...)`` picks one by name; ``gated_recurrence_flops`` and
+``gated_recurrence(..., form=..., impl=...)`` picks one by name (``impl`` may send it to the Triton
+kernel, ``recurrent_step`` likewise for decoding); ``gated_recurrence_flops`` and
 ``gated_recurrence_elements_moved`` are what each costs.
 
 Layout ``[B, H, T, D]``: q, k have D_k channels, v has D_v; states are ``[B, H, D_k, D_v]``.
@@ -22,6 +23,7 @@ from lmscale.ops.gated_recurrence.forms import (
     gated_recurrence,
     gated_recurrence_elements_moved,
     gated_recurrence_flops,
+    recurrent_step,
 )
 from lmscale.ops.gated_recurrence.naive import gated_recurrence_step, naive_gated_recurrence
 from lmscale.ops.gated_recurrence.parallel import parallel_gated_recurrence
@@ -35,4 +37,5 @@ __all__ = [
     "gated_recurrence_step",
     "naive_gated_recurrence",
     "parallel_gated_recurrence",
+    "recurrent_step",
 ]

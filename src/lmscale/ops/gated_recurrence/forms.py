@@ -1,12 +1,14 @@
-"""Choosing a form by name, and what each form costs: the two things every mixer around this op needs."""
+"""Choosing an implementation and a form by name, and what each form costs: what every mixer around
+this op needs."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from lmscale.ops.gated_recurrence.chunk import chunk_gated_recurrence
-from lmscale.ops.gated_recurrence.naive import naive_gated_recurrence
+from lmscale.ops.gated_recurrence.naive import gated_recurrence_step, naive_gated_recurrence
 from lmscale.ops.gated_recurrence.parallel import parallel_gated_recurrence
+from lmscale.ops.triton import use_triton
 
 FORMS = ("chunk", "parallel", "naive")
 
@@ -21,9 +23,18 @@ def gated_recurrence(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    impl: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
-    """The recurrence in the named form (one of ``FORMS``); every form returns the same (o, final_state)."""
+    """The recurrence in the named form (one of ``FORMS``); every form returns the same (o, final_state).
+
+    ``impl`` (see ``lmscale.ops.triton``): when it resolves to Triton, the chunked Triton kernel runs
+    whatever ``form`` says; ``form`` picks among the PyTorch forms.
+    """
     kwargs = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state}
+    if use_triton(impl, q, (q.shape[-1], v.shape[-1])):
+        from lmscale.ops.triton.chunk import chunk_gated_recurrence as triton_chunk
+
+        return triton_chunk(q, k, v, log_g, chunk_size=chunk_size, **kwargs)
     if form == "chunk":
         return chunk_gated_recurrence(q, k, v, log_g, chunk_size=chunk_size, **kwargs)
     if form == "parallel":
@@ -31,6 +42,25 @@ def gated_recurrence(
     if form == "naive":
         return naive_gated_recurrence(q, k, v, log_g, **kwargs)
     raise ValueError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
+
+
+def recurrent_step(
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    log_g_t: Tensor | None,
+    state: Tensor,
+    scale: float | None = None,
+    impl: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """One decoding step (``gated_recurrence_step``'s signature). The Triton kernel updates a float32
+    ``state`` in place and returns it (one launch, capturable in a CUDA graph); PyTorch returns a new one.
+    Callers use the returned state either way."""
+    if use_triton(impl, q_t, (q_t.shape[-1], v_t.shape[-1])):
+        from lmscale.ops.triton.step import gated_recurrence_step as triton_step
+
+        return triton_step(q_t, k_t, v_t, log_g_t, state, scale)
+    return gated_recurrence_step(q_t, k_t, v_t, log_g_t, state, scale)
 
 
 def gated_recurrence_flops(seq_len: int, n_heads: int, d_k: int, d_v: int, form: str, chunk_size: int = 64) -> int:
