@@ -1,14 +1,16 @@
-"""``lmscale data|train|mixers …``: a thin shell over the functions the notebooks call."""
+"""``lmscale data|train|sweep|bench|mixers …``: a thin shell over the functions the notebooks call."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from lmscale.bench import KERNEL_OPS
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
 
 
@@ -194,12 +196,49 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--mixer", action="extend", nargs="+", default=None, help="only these mixers")
     presets.set_defaults(func=_cmd_presets)
 
+    bench = sub.add_parser("bench", help="benchmarks, checked against references before they are timed; "
+                                         "they write result records").add_subparsers(dest="bench_command",
+                                                                                      required=True)
+    kernels = bench.add_parser("kernels", help="the GPU kernels against the PyTorch forms, "
+                                               "flash-linear-attention and SDPA (see lmscale.bench.kernels)")
+    kernels.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    kernels.add_argument("--quick", action="store_true",
+                         help="tiny sizes (the CPU runs the kernels through Triton's interpreter)")
+    kernels.add_argument("--ops", type=_name_list, default=None,
+                         help=f"comma-separated subset of {','.join(KERNEL_OPS)} (default: all)")
+    kernels.add_argument("--out", type=Path, default=None,
+                         help="folder for the one .jsonl of records (default data/results/kernels)")
+    kernels.add_argument("--check-only", action="store_true",
+                         help="run the correctness gates and print them; time nothing")
+    kernels.add_argument("--seed", type=int, default=0)
+    kernels.add_argument("--model-preset", default=None,
+                         help="size of the GLA model of op model_step (default 1.3B; tiny with --quick)")
+    kernels.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                         help="start no measurement after this long; the rest are recorded as skipped")
+    kernels.set_defaults(func=_cmd_bench_kernels)
+
     budget = sub.add_parser("budget", help="training tokens for a model size by each published rule "
                                            "(Chinchilla 20×, its fit, Epoch's refit, data-constrained)")
     budget.add_argument("--params", required=True, help="parameters N, e.g. 125M, 1.3B or 6.5e6")
     budget.add_argument("--unique-tokens", default=None, help="unique tokens in the corpus, e.g. 6.5M")
     budget.set_defaults(func=_cmd_budget)
     return parser
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    """Exit status 1 when an implementation failed its correctness gate, so scripts notice."""
+    import torch
+
+    if args.device == "cpu" or not torch.cuda.is_available():  # Triton runs kernels on CPU tensors only in
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # its interpreter, chosen before a kernel is defined
+    from lmscale.bench.kernels import format_table, run_suite
+
+    records, path = run_suite(device=args.device, quick=args.quick, ops=args.ops, out=args.out,
+                              check_only=args.check_only, seed=args.seed, model_preset=args.model_preset,
+                              time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    print(format_table(records))
+    print(f"written: {path}")
+    return 1 if any(r["status"] == "wrong" for r in records) else 0
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

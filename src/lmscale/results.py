@@ -48,7 +48,7 @@ def _git(*args: str) -> str | None:
 def _versions() -> dict[str, str]:
     """Installed versions, read from package metadata so that nothing heavy is imported to ask."""
     versions = {"python": platform.python_version(), "lmscale": __version__}
-    for name in ("torch", "numpy", "triton", "transformers"):
+    for name in ("torch", "numpy", "triton", "transformers", "fla-core"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -85,9 +85,14 @@ def provenance(device: str | None = None, command: str | None = None) -> dict[st
     """What made a number: code version, libraries, hardware, command line and date."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = bool(status) if status is not None else None
+    if commit is None and os.environ.get("LMSCALE_GIT_COMMIT"):
+        # a copy of the working tree without .git (the GPU machine): the sender states the commit
+        commit = os.environ["LMSCALE_GIT_COMMIT"]
+        dirty = os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
     return {
         "git_commit": commit,
-        "git_dirty": bool(status) if status is not None else None,
+        "git_dirty": dirty,
         "versions": _versions(),
         "hardware": _hardware(device),
         "command": command if command is not None else " ".join(sys.argv),
@@ -164,13 +169,31 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
 def write_record(record: dict[str, Any], root: Path | None = None) -> Path:
     """Write ``<root>/<experiment>/<run_id>.jsonl`` atomically (temp file, then rename)."""
     validate_record(record, f"record {record.get('run_id')!r}")
-    folder = Path(root or results_dir()) / record["experiment"]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{record['run_id']}.jsonl"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(root or results_dir()) / record["experiment"] / f"{record['run_id']}.jsonl"
+    return _write_atomically(path, json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_records(records: list[dict[str, Any]], path: Path) -> Path:
+    """Write many records as the lines of one ``.jsonl`` file, atomically (temp file, then rename).
+
+    For runs that make many measurements on a machine that returns only a few files (a benchmark
+    writes one file per invocation); every record is validated before anything is written.
+    """
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise RecordError(f"{path}: a record file must end in .jsonl (read_records and load_records look for it)")
+    lines = [json.dumps(validate_record(r, f"{path} record {i}"), sort_keys=True, allow_nan=False)
+             for i, r in enumerate(records, 1)]
+    return _write_atomically(path, "".join(line + "\n" for line in lines))
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    """Temp file in the same folder, fsync, rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

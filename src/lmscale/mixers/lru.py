@@ -36,6 +36,7 @@ from lmscale.ops.diagonal_scan import (
     naive_diagonal_scan,
     parallel_diagonal_scan,
 )
+from lmscale.ops.triton import IMPLS, use_triton
 
 SCANS = ("chunk", "parallel", "sequential")
 
@@ -53,12 +54,17 @@ def complex_dtype(dtype: torch.dtype) -> torch.dtype:
 class LinearRecurrentUnit(Mixer):
     """LRU layer; ``scan`` picks the diagonal-scan form ``forward`` runs, ``step`` is recurrent.
 
+    ``impl`` chooses the Triton scan (``lmscale.ops.triton``) over the PyTorch form ``scan`` names
+    (see ``use_triton``). ``step`` stays in PyTorch under every ``impl``: one complex multiply-add on
+    [B, N], two small launches, where a kernel would save one launch and add Triton's launch overhead.
+
     Options: ``d_state`` N complex state channels (None: d_model); ``r_min``, ``r_max`` the ring of
     initial |λ|; ``max_phase`` the largest initial arg λ; ``chunk_size`` for ``scan="chunk"``.
     """
 
     options: ClassVar[dict[str, Option]] = {
         "scan": Option.choice("chunk", SCANS),
+        "impl": Option.choice("auto", IMPLS),
         "d_state": Option(None, "a positive integer, or None for d_model",
                           lambda value: value is None or is_positive_int(value)),
         "r_min": Option(0.9, "a number in [0, 1)", lambda value: _is_real(value) and 0 <= value < 1),
@@ -78,7 +84,7 @@ class LinearRecurrentUnit(Mixer):
             raise ConfigError("mixer_options['r_min']", opts["r_min"],
                               f"must not exceed r_max={opts['r_max']}: |λ| is drawn from [r_min, r_max]")
         self.layer_idx = layer_idx
-        self.scan, self.chunk_size = opts["scan"], opts["chunk_size"]
+        self.scan, self.impl, self.chunk_size = opts["scan"], opts["impl"], opts["chunk_size"]
         self.d_model = d = cfg.d_model
         self.d_state = N = d if opts["d_state"] is None else opts["d_state"]
 
@@ -117,11 +123,14 @@ class LinearRecurrentUnit(Mixer):
     def forward(
         self, x: Tensor, state: Tensor | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        op = {
-            "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
-            "parallel": parallel_diagonal_scan,
-            "sequential": naive_diagonal_scan,
-        }[self.scan]
+        if use_triton(self.impl, x):
+            from lmscale.ops.triton.scan_complex import complex_diagonal_scan as op
+        else:
+            op = {
+                "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
+                "parallel": parallel_diagonal_scan,
+                "sequential": naive_diagonal_scan,
+            }[self.scan]
         lam, u = self._drive(x)
         h, final_state = op(lam, u, initial_state=state, output_final_state=return_state)  # (B, T, N)
         y = self._readout(h, x)

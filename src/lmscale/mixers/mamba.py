@@ -10,7 +10,9 @@ Unrolled, h_t = Σ_{s≤t} exp(A Σ_{r=s+1..t} Δ_r) ⊙ Δ_s u_s B_sᵀ: select
 token how much of the past to keep (large Δ: reset and read the input; small Δ: ignore it).
 Discretisation as in the reference implementation (``selective_scan_ref``): zero-order hold for the
 state matrix, Ā = exp(ΔA), and the simplified Euler step B̄ = ΔB for the input (ZOH would give
-(ΔA)⁻¹(exp(ΔA) − 1) ΔB). The scan runs in the form ``scan`` names, in at least float32.
+(ΔA)⁻¹(exp(ΔA) − 1) ΔB). The scan runs in at least float32, in the PyTorch form ``scan`` names
+or, under ``impl`` (see ``lmscale.ops.triton.use_triton``), fused in one Triton kernel that never
+writes the [B, T, d_inner, N] states to memory (``lmscale.ops.triton.selective_scan``).
 
 Initialisation follows the paper: A_n = −(n + 1) (S4D-real) in every channel, D = 1, Δ's bias the
 inverse softplus of Δ ~ log-uniform[0.001, 0.1], W_Δ uniform ±dt_rank^−½, dt_rank = ⌈d_model / 16⌉.
@@ -36,6 +38,7 @@ from lmscale.ops.diagonal_scan import (
     naive_diagonal_scan,
     parallel_diagonal_scan,
 )
+from lmscale.ops.triton import IMPLS, use_triton
 
 SCANS = ("chunk", "parallel", "sequential")
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
@@ -58,6 +61,9 @@ class MambaState:
 class Mamba(Mixer):
     """Mamba (S6) layer; ``scan`` picks the diagonal-scan form ``forward`` runs, ``step`` is recurrent.
 
+    ``impl`` chooses the fused Triton scan over the PyTorch ``scan`` form, in ``forward`` and in
+    ``step`` (where one launch replaces the discretisation's, update's and readout's half dozen).
+
     Options: ``d_state`` N per channel (paper: 16); ``expand`` d_inner / d_model (paper: 2);
     ``conv_size`` K, the causal conv's width (paper: 4); ``chunk_size`` for ``scan="chunk"``, small
     because the chunk form holds [B, T, chunk_size, d_inner, N] pairwise decays.
@@ -65,6 +71,7 @@ class Mamba(Mixer):
 
     options: ClassVar[dict[str, Option]] = {
         "scan": Option.choice("chunk", SCANS),
+        "impl": Option.choice("auto", IMPLS),
         "d_state": Option(16, "a positive integer", is_positive_int),
         "expand": Option(2, "a positive integer", is_positive_int),
         "conv_size": Option(4, "a positive integer", is_positive_int),
@@ -78,7 +85,7 @@ class Mamba(Mixer):
         super().__init__()
         opts = self.read_options(cfg)
         self.layer_idx = layer_idx
-        self.scan, self.chunk_size = opts["scan"], opts["chunk_size"]
+        self.scan, self.impl, self.chunk_size = opts["scan"], opts["impl"], opts["chunk_size"]
         self.d_model = d = cfg.d_model
         self.d_inner = di = opts["expand"] * d
         self.d_state = N = opts["d_state"]
@@ -104,44 +111,65 @@ class Mamba(Mixer):
         u = F.silu(self.conv1d(xw)).transpose(1, 2)  # (B, T, d_inner)
         return u, xw[:, :, xw.shape[2] - (self.conv_size - 1) :]
 
-    def _selective_inputs(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u [B, T, d_inner] -> Ā, B̄u [B, T, d_inner, N] and C [B, T, N], in the compute dtype."""
+    def _selective_inputs(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """u [B, T, d_inner] -> u, Δ [B, T, d_inner], A [d_inner, N], B, C [B, T, N], in the compute dtype."""
         acc = compute_dtype(u.dtype)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt).to(acc) + self.dt_bias.to(acc))  # Δ > 0  (B, T, d_inner)
         A = -self.A_log.to(acc).exp()  # (d_inner, N)
-        a = torch.exp(dt.unsqueeze(-1) * A)  # zero-order hold: Ā = exp(ΔA)
-        b = (dt * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(-2)  # Euler: B̄u = Δ u Bᵀ
-        return a, b, C.to(acc)
+        return u.to(acc), dt, A, B.to(acc), C.to(acc)
 
-    def _readout(self, h: Tensor, C: Tensor, u: Tensor, z: Tensor) -> Tensor:
-        """y = W_o[(h C + D ⊙ u) ⊙ SiLU(z)]: h [B, T, d_inner, N], C [B, T, N], u, z [B, T, d_inner] -> [B, T, D]."""
-        y = (h * C.unsqueeze(-2)).sum(-1) + self.D.to(h.dtype) * u.to(h.dtype)  # (B, T, d_inner)
+    @staticmethod
+    def _discretise(u: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Ā, B̄u [B, T, d_inner, N]: what the PyTorch scans take (the fused kernel does this inside)."""
+        a = torch.exp(dt.unsqueeze(-1) * A)  # zero-order hold: Ā = exp(ΔA)
+        b = (dt * u).unsqueeze(-1) * B.unsqueeze(-2)  # Euler: B̄u = Δ u Bᵀ
+        return a, b
+
+    def _readout(self, y: Tensor, u: Tensor, z: Tensor) -> Tensor:
+        """W_o[(y + D ⊙ u) ⊙ SiLU(z)]: y = h C, u, z [B, T, d_inner] -> [B, T, D]."""
+        y = y + self.D.to(y.dtype) * u.to(y.dtype)  # (B, T, d_inner)
         return self.o_proj(y.to(z.dtype) * F.silu(z))
+
+    def _fused_scan(self, u: Tensor, ssm: Tensor, return_state: bool) -> tuple[Tensor, Tensor | None]:
+        """y = h C [B, T, d_inner] and the final h by the Triton kernel, h never in memory."""
+        from lmscale.ops.triton.selective_scan import selective_scan
+
+        return selective_scan(*self._selective_inputs(u), initial_state=ssm, output_final_state=return_state)
 
     def forward(
         self, x: Tensor, state: MambaState | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, MambaState]:
-        op = {
-            "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
-            "parallel": parallel_diagonal_scan,
-            "sequential": naive_diagonal_scan,
-        }[self.scan]
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
         u, window = self._conv(x, state.conv.to(x.dtype))
-        a, b, C = self._selective_inputs(u)
-        h, ssm = op(a, b, initial_state=state.ssm, output_final_state=return_state)  # (B, T, d_inner, N)
-        y = self._readout(h, C, u, z)
+        if use_triton(self.impl, u):
+            y, ssm = self._fused_scan(u, state.ssm, return_state)
+        else:
+            op = {
+                "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
+                "parallel": parallel_diagonal_scan,
+                "sequential": naive_diagonal_scan,
+            }[self.scan]
+            u_acc, dt, A, B, C = self._selective_inputs(u)
+            a, b = self._discretise(u_acc, dt, A, B)
+            h, ssm = op(a, b, initial_state=state.ssm, output_final_state=return_state)  # (B, T, d_inner, N)
+            y = (h * C.unsqueeze(-2)).sum(-1)  # (B, T, d_inner)
+        y = self._readout(y, u, z)
         return (y, MambaState(window, ssm)) if return_state else y
 
     def step(self, x_t: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
         x, z = self.in_proj(x_t.unsqueeze(1)).chunk(2, dim=-1)  # (B, 1, d_inner) each
         u, window = self._conv(x, state.conv.to(x.dtype))
-        a, b, C = self._selective_inputs(u)
-        _, ssm = diagonal_scan_step(a[:, 0], b[:, 0], state.ssm)  # (B, d_inner, N)
-        return self._readout(ssm.unsqueeze(1), C, u, z).squeeze(1), MambaState(window, ssm)
+        if use_triton(self.impl, u):
+            y, ssm = self._fused_scan(u, state.ssm, return_state=True)  # a new state: the given one is kept
+        else:
+            u_acc, dt, A, B, C = self._selective_inputs(u)
+            a, b = self._discretise(u_acc, dt, A, B)
+            _, ssm = diagonal_scan_step(a[:, 0], b[:, 0], state.ssm)  # (B, d_inner, N)
+            y = (ssm * C[:, 0].unsqueeze(-2)).sum(-1).unsqueeze(1)  # (B, 1, d_inner)
+        return self._readout(y, u, z).squeeze(1), MambaState(window, ssm)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> MambaState:
         conv = torch.zeros(batch_size, self.d_inner, self.conv_size - 1, device=device, dtype=dtype)

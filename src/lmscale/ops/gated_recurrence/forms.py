@@ -32,9 +32,11 @@ def gated_recurrence(
     """
     kwargs = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state}
     if use_triton(impl, q, (q.shape[-1], v.shape[-1])):
+        from lmscale.ops.triton.chunk import CHUNK_SIZES
         from lmscale.ops.triton.chunk import chunk_gated_recurrence as triton_chunk
 
-        return triton_chunk(q, k, v, log_g, chunk_size=chunk_size, **kwargs)
+        # the chunk size changes rounding, not the function: the kernel takes its own where it must
+        return triton_chunk(q, k, v, log_g, chunk_size=chunk_size if chunk_size in CHUNK_SIZES else 64, **kwargs)
     if form == "chunk":
         return chunk_gated_recurrence(q, k, v, log_g, chunk_size=chunk_size, **kwargs)
     if form == "parallel":

@@ -19,7 +19,7 @@ from torch import Tensor
 
 IMPLS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256  # a head's key or value channels held in one block of registers
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def triton_installed() -> bool:

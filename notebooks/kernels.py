@@ -1,0 +1,366 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # GPU kernels: chunked recurrences and O(1) decoding
+#
+# A recurrent mixer is only worth its constant-size state if it is also fast: in training, where its
+# chunked form competes with FlashAttention, and in decoding, where one step reads a state of fixed
+# size while attention reads a KV cache that grows with every token. This chapter measures the
+# Triton kernels of `lmscale.ops.triton` against the PyTorch forms of the literature-review chapter,
+# against flash-linear-attention (fla) {cite:p}`yang2024gla`, and against PyTorch's scaled-dot-product
+# attention with its FlashAttention backend:
+#
+# - the **chunked recurrence** $S_t = \mathrm{diag}(g_t) S_{t-1} + k_t v_t^\top$, $o_t = S_t^\top q_t$
+#   with a gate per key channel (GLA), one per head (simple GLA, RetNet, Mamba-2-style
+#   {cite:p}`dao2024mamba2`) and none (linear attention {cite:p}`katharopoulos2020transformers`),
+#   forward and forward+backward, $H = 16$ heads of $D = 128$, 32K tokens per batch;
+# - the **diagonal scans** of the LRU {cite:p}`orvieto2023lru` and Mamba {cite:p}`gu2023mamba`;
+# - **one decoding step** of one layer, eager and captured in a CUDA graph, against attention over a
+#   KV cache of 1K to 256K tokens, and the step of a whole 24-layer GLA model.
+#
+# Every number comes from `lmscale bench kernels` (`lmscale.bench.kernels`), run on a GPU machine; its
+# records are committed under `data/results/kernels/`. Before an implementation is timed at a size, it
+# runs once at that size on fresh random inputs, and its output and every input gradient are compared
+# with a higher-precision PyTorch reference on the same inputs (float32 for bf16 inputs); above a
+# relative error of $2\cdot10^{-2}$ (bf16) it is not timed at all and its record says `wrong`. Peers
+# face the same check.
+
+# %% tags=["parameters"]
+experiment = "kernels"
+
+# %%
+import altair as alt
+import pandas as pd
+import torch
+from IPython.display import Markdown, display
+
+from lmscale import plots
+from lmscale.bench.kernels import (
+    FULL,
+    GATES,
+    TOLERANCES,
+    attention_counts,
+    crossover_context,
+    recurrence_counts,
+)
+from lmscale.results import iter_records, load_records
+
+plots.setup()
+
+# the columns a chart needs, under plain names (altair reads "config.T" as a nested field)
+COLUMNS = {"config.op": "op", "config.impl": "impl", "config.mode": "mode", "config.B": "B", "config.T": "T",
+           "config.context": "context", "config.graphed": "graphed", "config.gate": "gate",
+           "config.n_layers": "n_layers", "metrics.ms_median": "ms", "metrics.ms_p10": "p10",
+           "metrics.ms_p90": "p90", "metrics.max_rel_err": "max_rel_err", "metrics.tflops": "tflops",
+           "metrics.gbps": "gbps", "metrics.flops": "flops", "metrics.bytes": "bytes"}
+
+
+def gpu_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """Timed GPU measurements, the newest of each configuration (a rerun replaces an older run)."""
+    if frame.empty or "kind" not in frame:
+        return pd.DataFrame(columns=[*COLUMNS.values(), "status", "hardware", "date"])
+    frame = frame[(frame["kind"] == "kernel-bench") & frame["device"].astype(str).str.startswith("cuda")]
+    config = [c for c in frame.columns if c.startswith("config.") and c != "config.seed"]
+    frame = frame.sort_values("date").drop_duplicates(subset=config, keep="last")
+    frame = frame.rename(columns=COLUMNS).reindex(columns=[*COLUMNS.values(), *frame.columns.difference(COLUMNS)])
+    for column in ("B", "T", "context", "n_layers"):  # counts, None where an op has none
+        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+    frame["graphed"] = frame["graphed"].fillna(False).astype(bool)
+    return frame
+
+
+raw = load_records(experiment)
+runs = gpu_records(raw)
+ok = runs[runs["status"] == "ok"].copy()
+have = not ok.empty
+if have:
+    gpu = ", ".join(sorted(ok["hardware"].astype(str).unique()))
+    versions = sorted({(r["provenance"]["versions"].get("torch"), r["provenance"]["versions"].get("triton"))
+                       for r in iter_records(experiment) if r["run_id"] in set(ok["run_id"])})
+    label = f"{gpu}; " + "; ".join(f"torch {t}, triton {tr}" for t, tr in versions)
+    ok["us"] = ok["ms"] * 1e3
+
+
+def caption(text: str) -> Markdown:
+    """A table's title, naming the hardware and versions its numbers were measured with."""
+    return Markdown(f"**{text}** — {label}")
+
+# %%
+Markdown(
+    f"Measurements below: **{label}** ({len(ok)} timed records in `data/results/{experiment}/`)."
+    if have else
+    f"*No GPU records are committed yet (`data/results/{experiment}/` holds none from a CUDA device), so "
+    "this chapter shows only the analysis that needs no measurement. To make them, run "
+    "`PYTHONPATH=src python -m lmscale bench kernels --out OUT` on a GPU machine and commit "
+    "`OUT/*.jsonl` under `data/results/kernels/`.*"
+)
+
+# %% [markdown]
+# ## Two numbers first: how fast could each op be?
+#
+# Each op must do some floating-point work and move some bytes. Dividing the first by the GPU's
+# matrix-multiply rate and the second by its memory bandwidth gives two times; the larger is a floor
+# no implementation beats by much, and which one it is says whether the op is compute- or
+# memory-bound. The two rates are measured by the suite itself (op `ceiling`: an 8192³ bf16 matmul
+# and a 2 GiB device-to-device copy, read plus write); until GPU records exist, the table uses this
+# project's reference measurements on an H100 80GB HBM3 (743 TFLOP/s, 3.02 TB/s; `GPU.md`).
+#
+# The counts (`recurrence_counts`, `attention_counts` in `lmscale.bench.kernels`): matmul FLOPs of
+# the chunked form, causal pairs only, and each tensor read or written once; forward+backward as 3×
+# the forward's FLOPs for the recurrence (the backward's products are twice the forward's) and 3.5×
+# for attention (FlashAttention's five backward products against two), plus the gradients' traffic.
+
+# %%
+ceilings = ok[ok["op"] == "ceiling"].set_index("mode") if have else pd.DataFrame()
+measured_ceilings = {"matmul", "copy"} <= set(ceilings.index)
+peak_tflops = ceilings.loc["matmul", "tflops"] if measured_ceilings else 743.0
+peak_gbps = ceilings.loc["copy", "gbps"] if measured_ceilings else 3020.0
+rows = []
+for T in FULL.seq_lens:
+    B = FULL.tokens // T
+    for mode in ("fwd", "fwdbwd"):
+        for op in [*GATES, "attention"]:
+            if op == "attention":
+                flops, nbytes = attention_counts(B, T, FULL.heads, FULL.head_dim, mode, 2)
+            else:
+                flops, nbytes = recurrence_counts(B, T, FULL.heads, FULL.head_dim, GATES[op], mode, 2)
+            compute_ms, memory_ms = flops / peak_tflops / 1e9, nbytes / peak_gbps / 1e6
+            rows.append({"op": op, "mode": mode, "T": T, "GFLOP": flops / 1e9, "MB moved": nbytes / 1e6,
+                         "compute ms": compute_ms, "memory ms": memory_ms, "floor ms": max(compute_ms, memory_ms),
+                         "bound by": "compute" if compute_ms > memory_ms else "memory"})
+floors = pd.DataFrame(rows)
+source = (f"measured on {label}" if measured_ceilings else "the reference H100 measurements of GPU.md")
+display(Markdown(f"Ceilings: {peak_tflops:.0f} TFLOP/s (bf16 matmul) and {peak_gbps / 1e3:.2f} TB/s (copy), "
+                 f"{source}. Batch of 32K tokens, H = {FULL.heads}, D = {FULL.head_dim}, bf16."))
+plots.table(floors, "floors", formats={"GFLOP": "{:,.1f}", "MB moved": "{:,.0f}", "compute ms": "{:.3f}",
+                                       "memory ms": "{:.3f}", "floor ms": "{:.3f}"})
+
+# %% [markdown]
+# At a fixed number of tokens per batch, attention's work grows with $T$ (each token attends to $T/2$
+# others on average) while the chunked recurrence's does not: its FLOPs and bytes are the same at every
+# $T$. What bounds each:
+
+# %%
+bounds = floors.groupby(["op", "mode"])["bound by"].agg(lambda b: "/".join(sorted(set(b))))
+longest = floors[floors["T"] == max(FULL.seq_lens)].set_index(["op", "mode"])["floor ms"]
+Markdown("\n".join(
+    f"- **{op}**: {bounds[op, 'fwd']}-bound forward, {bounds[op, 'fwdbwd']}-bound forward+backward; floor "
+    f"{longest[op, 'fwd']:.2f} / {longest[op, 'fwdbwd']:.2f} ms at T = {max(FULL.seq_lens) // 1024}K"
+    for op in [*GATES, "attention"])
+    + "\n\nThe recurrences' bytes are about half activations (q, k, v, gates, o) and half chunk states "
+    "(a D × D matrix per head and chunk of 64 tokens, written by one pass and read by the next)."
+)
+
+# %%
+if have:
+    timed = ok[ok["op"].isin([*GATES])].copy()
+    timed["counted op"] = timed["op"].where(timed["impl"] != "sdpa", "attention")
+    gap = timed.merge(floors.rename(columns={"op": "counted op"}), on=["counted op", "mode", "T"])
+    gap["× floor"] = gap["ms"] / gap["floor ms"]
+    table = gap.pivot_table(index=["op", "mode", "T"], columns="impl", values="× floor").reset_index()
+    display(caption("Measured time over the floor (1 would be perfect)"))
+    display(plots.table(table, "gap", formats={c: "{:.1f}" for c in table.columns if c not in ("op", "mode", "T")}))
+
+# %% [markdown]
+# ## Training: forward and forward+backward
+#
+# Time per batch of 32K tokens against the sequence length, for each gate and implementation (bars:
+# 10th–90th percentile of the repeats). SDPA is the same softmax attention in every panel — the
+# reference to beat, measured once per panel, so the three copies also show the run-to-run spread.
+# `torch` is the PyTorch chunk form the kernels are tested against.
+
+# %%
+if have:
+    train = ok[ok["op"].isin([*GATES])]
+    base = alt.Chart(train).encode(
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T"),
+        color=alt.Color("impl:N", title="implementation"),
+    )
+    lines = base.mark_line(point=True).encode(
+        y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="ms per batch"),
+        tooltip=["op", "impl", "mode", "T", "B", "ms", "tflops", "max_rel_err"])
+    spread = base.mark_rule().encode(y="p10:Q", y2="p90:Q")
+    display(alt.layer(lines, spread).properties(width=230, height=200)
+            .facet(column=alt.Column("op:N", sort=list(GATES), title=None), row=alt.Row("mode:N", title=None))
+            .properties(title=f"Chunked recurrences vs SDPA (FlashAttention), bf16 — {gpu}"))
+
+# %% [markdown]
+# ## Decoding: one step of one layer
+#
+# A recurrent layer decodes with a fixed amount of work: read the state ($H \cdot D_k \cdot D_v$
+# float32 numbers, 1 MiB per sequence here), update it, read it out. Attention reads its whole KV cache
+# once per token, $2 \cdot L \cdot H \cdot D$ numbers for a context of $L$ tokens. The recurrent step's
+# time is therefore a horizontal line and attention's a line rising with the context; where they
+# cross is the context from which the recurrent layer decodes faster. Eager PyTorch pays the host's
+# launch overhead on every kernel, which for a 1 MiB state dwarfs the work; a CUDA graph replays the
+# step's kernels with one launch.
+
+# %%
+if have:
+    decode = ok[ok["op"] == "step"].copy()
+    decode["variant"] = decode["impl"] + decode["graphed"].map({True: " (graph)", False: " (eager)"})
+    attention = alt.Chart().transform_filter("datum.impl == 'sdpa'").mark_line(point=True).encode(
+        x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="KV-cache length L (tokens)"),
+        y=alt.Y("us:Q", scale=alt.Scale(type="log"), title="µs per step"),
+        color=alt.Color("variant:N", title="step"), tooltip=["variant", "B", "context", "us"])
+    recurrent = alt.Chart().transform_filter("datum.impl != 'sdpa'").mark_rule(strokeDash=[5, 3]).encode(
+        y="us:Q", color="variant:N", tooltip=["variant", "B", "us"])
+    display(alt.layer(attention, recurrent, data=decode).properties(width=300, height=240)
+            .facet(column=alt.Column("B:O", title="batch size"))
+            .properties(title=f"One layer's decoding step (H = {FULL.heads}, D = {FULL.head_dim}) — {gpu}"))
+
+# %% [markdown]
+# The crossover, read off the measurements (interpolated between the two measured cache lengths
+# around it on log–log axes), comparing like with like — a graphed recurrent step with graphed
+# attention, an eager one with eager attention:
+
+# %%
+if have:
+    rows = []
+    for (B, graphed), group in decode.groupby(["B", "graphed"]):
+        sdpa = group[group["impl"] == "sdpa"].sort_values("context")
+        for _, step in group[group["impl"] != "sdpa"].iterrows():
+            cross = crossover_context(list(sdpa["context"]), list(sdpa["ms"]), step["ms"]) if len(sdpa) else None
+            rows.append({"batch": B, "step": step["variant"], "µs per step": step["us"],
+                         "attention from": "—" if cross is None else str(cross)})
+    crossovers = pd.DataFrame(rows)
+    skipped = runs[(runs["op"] == "step") & (runs["status"] == "skipped") & runs["context"].notna()
+                   & ~runs["graphed"]]
+    display(caption("Context from which attention decodes slower than the recurrent step"))
+    display(plots.table(crossovers, "crossover", formats={"µs per step": "{:.1f}"}))
+    if len(skipped):
+        display(Markdown("Not measured (KV cache too large for the memory budget): " + ", ".join(
+            f"B = {b}, L = {c // 1024}K" for b, c in zip(skipped["B"], skipped["context"])) + "."))
+
+# %% [markdown]
+# ## Decoding the whole model
+#
+# One token through a 24-layer GLA model at batch 1 (`lmscale.decode.GraphedStep` captures the whole
+# `LanguageModel.step` as one CUDA graph). The floor is reading every weight once per token at the
+# measured copy bandwidth.
+
+# %%
+if have:
+    model = ok[ok["op"] == "model_step"].copy()
+    if len(model):
+        model["launch"] = model["graphed"].map({True: "one CUDA graph", False: "eager"})
+        model["µs per layer"] = model["us"] / model["n_layers"]
+        model["weights floor µs"] = model["bytes"] / peak_gbps / 1e3
+        model["× floor"] = model["us"] / model["weights floor µs"]
+        display(caption(f"One token through the {int(model['n_layers'].iloc[0])}-layer GLA model, batch 1"))
+        display(plots.table(model[["launch", "n_layers", "us", "µs per layer", "weights floor µs", "× floor"]]
+                            .rename(columns={"us": "µs per token", "n_layers": "layers"}), "model_step",
+                            formats={"µs per token": "{:,.0f}", "µs per layer": "{:.1f}",
+                                     "weights floor µs": "{:,.0f}", "× floor": "{:.2f}"}))
+
+# %% [markdown]
+# ## Diagonal scans: LRU and Mamba
+#
+# The scans have no matrix product: each state channel is an independent first-order recurrence, so
+# they are memory-bound, and the question is how many bytes an implementation moves. The PyTorch
+# chunk forms materialise pairwise decays inside each chunk (for Mamba a `[B, T, chunk, D, N]`
+# tensor); the kernels keep the state in registers and walk the sequence. Mamba's scan is measured at
+# 8K tokens per batch: its PyTorch form would not fit at 32K.
+
+# %%
+if have:
+    scans = ok[ok["op"].isin(["lru_scan", "selective_scan"])]
+    if len(scans):
+        display(alt.Chart(scans).mark_point(filled=True, size=90).encode(
+            x=alt.X("T:O", title="sequence length T"),
+            y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="ms per batch"),
+            color=alt.Color("impl:N", title="implementation"), tooltip=["op", "impl", "mode", "T", "B", "ms", "gbps"],
+        ).properties(width=160, height=180).facet(column=alt.Column("op:N", title=None), row=alt.Row("mode:N", title=None))
+            .properties(title=f"Diagonal scans, ours vs the PyTorch chunk form — {gpu}"))
+        display(caption("Achieved bandwidth of the scans, GB/s (bytes a fused scan must move)"))
+        display(plots.table(scans.pivot_table(index=["op", "mode", "T"], columns="impl", values="gbps").reset_index(),
+                            "scan_gbps", formats={"ours": "{:,.0f}", "torch": "{:,.0f}"}))
+
+# %% [markdown]
+# ## Targets
+#
+# What the kernels were written to achieve, each checked against the records (a target whose
+# measurement is missing says so rather than passing).
+
+# %%
+def ms(op, impl, mode="fwdbwd", **where):
+    """The median ms of one timed configuration, or None."""
+    rows = ok[(ok["op"] == op) & (ok["impl"] == impl) & (ok["mode"] == mode)]
+    for column, value in where.items():
+        rows = rows[rows[column] == value]
+    return None if rows.empty else float(rows["ms"].min())
+
+
+def target(text, measured, goal, met):
+    return {"target": text, "measured": measured, "goal": goal,
+            "met": "—" if met is None else ("yes" if met else "NO")}
+
+
+if have:
+    ours = runs[runs["impl"] == "ours"]
+    longest = max(FULL.seq_lens)
+    rows = [target("every kernel of ours passes its correctness gate at full size",
+                   f"{(ours['status'] == 'wrong').sum()} wrong of {len(ours)}", "0 wrong",
+                   None if ours.empty else bool((ours["status"] != "wrong").all()))]
+    ours_long, sdpa_long = ms("gla", "ours", T=longest), ms("gla", "sdpa", T=longest)
+    rows.append(target(f"GLA forward+backward at T = {longest // 1024}K faster than SDPA",
+                       f"{ours_long:.2f} vs {sdpa_long:.2f} ms" if ours_long and sdpa_long else "missing", "ratio < 1",
+                       ours_long < sdpa_long if ours_long and sdpa_long else None))
+    for op, mode in (("gla", "fwdbwd"), ("simple_gla", "fwd")):
+        ratios = [ms(op, "ours", mode, T=T) / ms(op, "fla", mode, T=T) for T in FULL.seq_lens
+                  if ms(op, "ours", mode, T=T) and ms(op, "fla", mode, T=T)]
+        rows.append(target(f"{op} {mode}: ours no slower than fla at every T",
+                           f"worst ratio {max(ratios):.2f}" if ratios else "missing", "ratio ≤ 1",
+                           max(ratios) <= 1 if ratios else None))
+    step, fla_step = ms("step", "ours", "step", B=1, graphed=True), ms("step", "fla", "step", B=1, graphed=True)
+    rows.append(target("one layer's step at B = 1, graphed, no slower than fla's graphed step",
+                       f"{step * 1e3:.1f} vs {fla_step * 1e3:.1f} µs" if step and fla_step else "missing",
+                       "ratio ≤ 1", step <= fla_step if step and fla_step else None))
+    graphed_sdpa = decode[(decode["impl"] == "sdpa") & (decode["B"] == 1) & decode["graphed"]].sort_values("context")
+    cross = crossover_context(list(graphed_sdpa["context"]), list(graphed_sdpa["ms"]), step) \
+        if step and len(graphed_sdpa) else None
+    rows.append(target("recurrent decoding (graphed, B = 1) beats attention from a 4K-token context",
+                       "missing" if cross is None else f"from {cross}", "≤ 4K",
+                       None if cross is None else (cross.context or cross.high or float("inf")) <= 4096))
+    model_graphed = ms("model_step", "ours", "step", graphed=True)
+    floor_us = float(model["weights floor µs"].iloc[0]) if have and len(model) else None
+    rows.append(target("whole-model step (24 layers, graphed, B = 1) within 2× of reading the weights once",
+                       f"{model_graphed * 1e3:,.0f} µs vs floor {floor_us:,.0f} µs" if model_graphed and floor_us
+                       else "missing", "≤ 2× floor",
+                       model_graphed * 1e3 <= 2 * floor_us if model_graphed and floor_us else None))
+    display(caption("Targets"))
+    display(plots.table(pd.DataFrame(rows), "targets"))
+
+# %% [markdown]
+# ## Correctness of every timed number
+#
+# The largest relative error any implementation showed against the float32 reference at any size (the
+# gate refuses to time above the tolerance), and every measurement that was not timed, with the reason.
+
+# %%
+if have:
+    checked = ok[ok["max_rel_err"].notna()]
+    errors = checked.pivot_table(index=["op", "mode"], columns="impl", values="max_rel_err", aggfunc="max")
+    display(Markdown(f"Tolerance: {TOLERANCES[FULL.dtype]:g} for bf16 inputs, {TOLERANCES[torch.float32]:g} "
+                     "for the float32 and complex64 scans (their arithmetic is float32 throughout)."))
+    display(caption("Largest relative error against the reference"))
+    display(plots.table(errors.reset_index(), "errors",
+                        formats={c: "{:.1e}" for c in errors.columns}))
+    failed = [{"op": r["config"]["op"], "impl": r["config"]["impl"], "mode": r["config"]["mode"],
+               "B": r["config"].get("B"), "T or L": r["config"].get("context") or r["config"].get("T"),
+               "graphed": r["config"].get("graphed"), "status": r["status"], "why": r.get("error", "")}
+              for r in iter_records(experiment) if r["run_id"] in set(runs["run_id"]) and r["status"] != "ok"]
+    display(plots.table(pd.DataFrame(failed), "not_timed") if failed else Markdown("Every measurement was timed."))
+
+# %% tags=["nbval-ignore-output"]
+Markdown(f"*Source: records in `data/results/{experiment}/`: {plots.provenance_caption(runs)}*") if have else None

@@ -1,0 +1,919 @@
+"""``lmscale bench kernels``: our GPU kernels against PyTorch and the peers, each checked before it is timed.
+
+What is measured (the full suite; ``--quick`` shrinks every size so that the CPU can run it through
+Triton's interpreter):
+
+- ``ceiling``: an 8192³ bf16 matmul and a large device copy, the two rates every floor is computed from;
+- ``gla`` (gate per key channel), ``simple_gla`` (one gate per head) and ``linear_attention`` (no
+  gate): H = 16, D = 128, 32K tokens per batch at T = 2K, 8K, 32K, forward and forward+backward, for
+  our chunk kernel, flash-linear-attention's, the PyTorch chunk form and causal SDPA (FlashAttention);
+- ``lru_scan``: the LRU's complex scan at a 350M layer's width (N = d_model = 1024), and
+  ``selective_scan``: Mamba's fused scan (d_inner = 2048, N = 16, 8K tokens per batch), ours vs the
+  PyTorch chunk form, at T = 2K and 8K;
+- ``step``: one layer's decoding step at batch 1 and 64, eager and in a CUDA graph, against SDPA of one
+  query over KV caches of 1K … 256K tokens (sizes over ``memory_limit`` are skipped and say so);
+- ``model_step``: one decoding step of a 24-layer GLA model (preset 1.3B, bf16, batch 1), eager
+  ``LanguageModel.step`` against ``lmscale.decode.GraphedStep``.
+
+The correctness gate. Before an implementation is timed at a shape, it runs once on fresh random
+inputs at that full size and its outputs — and for forward+backward every input gradient, for the
+same random upstream gradient — are compared with a higher-precision PyTorch reference on the same
+inputs upcast (float32 for 16-bit inputs, float64 for float32 and complex128 for complex64; the chunk
+form for the recurrences, float32 SDPA for attention), as ‖x − ref‖ / ‖ref‖, the maximum over tensors. NaN never passes. Above
+``TOLERANCES[dtype]`` the implementation is refused: no timing, status "wrong", the error recorded.
+bf16's 2e-2: a bf16 number carries 8 significant bits (rounding error 2⁻⁹ ≈ 2e-3); a kernel that
+feeds bf16 operands to its matrix units (q·kᵀ, the decayed keys, the chunk states) lands between 1e-3
+and 1e-2 against a float32 reference, the gradients of the gates (reverse cumulative sums over a
+chunk, with cancellation) at the top of that range; 2e-2 leaves that headroom while a wrong kernel —
+a skipped chunk, a misplaced decay, a wrong scale — is off by 1e-1 or more. Peers face the same gate.
+
+Records: one per measurement, all of one invocation in one ``.jsonl`` file (the GPU machine returns
+few files), experiment "kernels", kind "kernel-bench" ("kernel-check" under ``--check-only``), status
+"ok" | "wrong" | "refused" (the implementation raised, e.g. fla's deliberate refusal of its scalar-gate
+backward on Hopper with Triton < 3.7.1, fla issue #640) | "skipped" (not importable, no CUDA for a
+graph, or too large), with the reason in ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib
+import itertools
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmscale.bench import KERNEL_OPS
+from lmscale.bench.timing import Budget, capture_graphs, rotation_sets, tensor_bytes, time_calls
+from lmscale.paths import results_dir
+from lmscale.results import make_record, write_records
+
+EXPERIMENT = "kernels"
+# relative error allowed against the upcast reference, by input dtype (the module docstring says why)
+TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3, torch.complex64: 1e-3}
+GATES = {"gla": "channel", "simple_gla": "head", "linear_attention": "none"}  # the chunked ops
+CHUNK_SIZE = 64  # of our chunk kernel and fla's, for the analytic counts
+LRU_CHUNK_SIZE = 32  # the LRU mixer's default chunk for the PyTorch form
+MAMBA_CHUNK_SIZE, MAMBA_STATE = 16, 16  # the Mamba mixer's defaults: PyTorch chunk, N
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Every size the suite measures; ``FULL`` is the issue's, ``QUICK`` a CPU-sized copy for tests."""
+
+    dtype: torch.dtype
+    heads: int
+    head_dim: int
+    tokens: int  # per batch: B = tokens // T
+    seq_lens: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    contexts: tuple[int, ...]  # KV-cache lengths for attention decoding
+    model_preset: str
+    matmul_size: int
+    copy_bytes: int
+    scan_width: int  # the LRU's N (= d_model of a 350M model)
+    scan_seq_lens: tuple[int, ...]
+    mamba_width: int  # d_inner = 2 · d_model of a 350M model, N = 16 per channel
+    mamba_tokens: int  # per batch: its PyTorch form holds [B, T, chunk, d_inner, N] decays
+    budget: Budget = field(default_factory=Budget)
+    max_sets: int = 256  # input sets rotated through (fewer under the interpreter: each call is slow)
+    memory_limit: int = 70 * 2**30  # decode sizes needing more are skipped
+
+
+FULL = Suite(
+    dtype=torch.bfloat16, heads=16, head_dim=128, tokens=32768, seq_lens=(2048, 8192, 32768),
+    decode_batches=(1, 64), contexts=tuple(1024 * 2**i for i in range(9)), model_preset="1.3B",
+    matmul_size=8192, copy_bytes=2**31, scan_width=1024, scan_seq_lens=(2048, 8192), mamba_width=2048,
+    mamba_tokens=8192,
+)
+QUICK = Suite(
+    dtype=torch.bfloat16, heads=2, head_dim=16, tokens=32, seq_lens=(32,), decode_batches=(1, 2),
+    contexts=(64, 256), model_preset="tiny", matmul_size=64, copy_bytes=2**20, scan_width=16,
+    scan_seq_lens=(16, 32), mamba_width=32, mamba_tokens=32, max_sets=2,
+    budget=Budget(warmup_ms=0, rep_ms=0, min_warmup=1, min_reps=2, max_reps=2),
+)
+
+
+def make_suite(quick: bool, device: torch.device, dtype: torch.dtype | None = None) -> Suite:
+    """FULL or QUICK, in ``dtype``; by default bf16 on CUDA and float32 on the CPU, because Triton's
+    interpreter cannot do bf16 arithmetic (numpy has no bf16)."""
+    suite = QUICK if quick else FULL
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in TOLERANCES or dtype.is_complex:
+        raise ValueError(f"dtype must be one of bfloat16, float16, float32, got {dtype}")
+    return replace(suite, dtype=dtype)
+
+
+class Unavailable(Exception):
+    """An implementation that is not installed, not written yet or cannot run here: recorded as skipped."""
+
+
+def load(module: str, name: str) -> Any:
+    """``module.name``, or Unavailable naming what is missing (fla not installed, a kernel not written)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        raise Unavailable(f"{module}.{name} is not importable ({e})") from e
+    except AttributeError as e:
+        raise Unavailable(f"{module} has no {name}") from e
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op. ``build()`` resolves its imports (raising Unavailable) and returns
+    the function; ``reference`` names the function it must match (a key of ``REFERENCES``)."""
+
+    build: Callable[[], Callable[..., Any]]
+    reference: str
+
+
+def _bhtd(x: Tensor | None) -> Tensor | None:
+    """[B, T, H, D] memory seen as [B, H, T, D] (a strided view, no copy); per-head gates [B, T, H] too."""
+    return None if x is None else x.transpose(1, 2)
+
+
+# --- the chunked ops: every function takes and returns the [B, T, H, D] layout a model's projections give
+
+
+def _ours_chunk() -> Callable[..., Tensor]:
+    kernel = load("lmscale.ops.triton.chunk", "chunk_gated_recurrence")
+
+    def run(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
+        o, _ = kernel(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(log_g), chunk_size=CHUNK_SIZE)
+        return o.transpose(1, 2)
+
+    return run
+
+
+def _torch_chunk(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
+    from lmscale.ops.gated_recurrence import chunk_gated_recurrence
+
+    o, _ = chunk_gated_recurrence(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(log_g), chunk_size=CHUNK_SIZE)
+    return o.transpose(1, 2)
+
+
+def _fla_chunk_gla() -> Callable[..., Tensor]:
+    chunk_gla = load("fla.ops.gla", "chunk_gla")
+    return lambda q, k, v, log_g: chunk_gla(q, k, v, log_g)[0]
+
+
+def _fla_chunk_simple_gla() -> Callable[..., Tensor]:
+    chunk_simple_gla = load("fla.ops.simple_gla", "chunk_simple_gla")
+    return lambda q, k, v, log_g: chunk_simple_gla(q, k, v, g=log_g)[0]
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
+    """Softmax attention (FlashAttention) on the same q, k, v; it has no gate. The peer to beat."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True)
+    return o.transpose(1, 2)
+
+
+def _reference_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
+    """Causal attention in float32/64: the memory-efficient kernel on CUDA (the math one would hold a
+    T × T matrix, 64 GiB at T = 32K), the math one on the CPU (float64)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if q.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True)
+    return o.transpose(1, 2)
+
+
+# --- decoding: recurrent steps take (q_t, k_t, v_t, log_g_t [B, H, D], state [B, H, D, D]) -> (o_t, state)
+
+
+def _ours_step() -> Callable[..., tuple[Tensor, Tensor]]:
+    return load("lmscale.ops.triton.step", "gated_recurrence_step")
+
+
+def _torch_step(q_t: Tensor, k_t: Tensor, v_t: Tensor, log_g_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    from lmscale.ops.gated_recurrence import gated_recurrence_step
+
+    return gated_recurrence_step(q_t, k_t, v_t, log_g_t, state)
+
+
+def _fla_step() -> Callable[..., tuple[Tensor, Tensor]]:
+    fused_recurrent_gla = load("fla.ops.gla", "fused_recurrent_gla")
+
+    def run(q_t: Tensor, k_t: Tensor, v_t: Tensor, log_g_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        o, new_state = fused_recurrent_gla(q_t.unsqueeze(1), k_t.unsqueeze(1), v_t.unsqueeze(1),
+                                           gk=log_g_t.unsqueeze(1), initial_state=state, output_final_state=True)
+        return o.squeeze(1), new_state
+
+    return run
+
+
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """One query per sequence over its whole cache (FlashAttention): q [B, 1, H, D], caches [B, L, H, D]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k_cache), _bhtd(v_cache))
+    return o.transpose(1, 2)
+
+
+def _reference_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """The same in float32 (float64 for float32 inputs), one sequence at a time: upcast caches of 64
+    sequences would not fit beside the originals."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hi = _reference_dtype(q.dtype)
+    outputs = []
+    with sdpa_kernel(SDPBackend.MATH):
+        for b in range(q.shape[0]):
+            one = (x[b : b + 1].to(hi) for x in (q, k_cache, v_cache))
+            outputs.append(F.scaled_dot_product_attention(*(_bhtd(x) for x in one)))
+    return torch.cat(outputs).transpose(1, 2)
+
+
+# --- the LRU scan: (λ [N] complex, b [B, T, N] complex) -> h [B, T, N]
+
+
+def _ours_lru_scan() -> Callable[..., Tensor]:
+    scan = load("lmscale.ops.triton.scan_complex", "complex_diagonal_scan")
+    return lambda lam, b: scan(lam, b)[0]
+
+
+def _torch_lru_scan(lam: Tensor, b: Tensor) -> Tensor:
+    from lmscale.ops.diagonal_scan import chunk_diagonal_scan
+
+    return chunk_diagonal_scan(lam, b, chunk_size=LRU_CHUNK_SIZE)[0]
+
+
+def _reference_lru_scan(lam: Tensor, b: Tensor) -> Tensor:
+    """The Hillis–Steele form: the chunk form's pairwise [T, C, N] decays do not fit at 32K tokens in complex128."""
+    from lmscale.ops.diagonal_scan import parallel_diagonal_scan
+
+    return parallel_diagonal_scan(lam, b)[0]
+
+
+def _ours_selective_scan() -> Callable[..., Tensor]:
+    scan = load("lmscale.ops.triton.selective_scan", "selective_scan")
+    return lambda u, delta, A, B, C: scan(u, delta, A, B, C)[0]
+
+
+def _mamba_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, scan: Callable) -> Tensor:
+    """The Mamba mixer's PyTorch path: Ā = exp(ΔA), B̄u = Δ u Bᵀ as [B, T, D, N] tensors, the diagonal scan,
+    y = h C. u, delta [B, T, D]; A [D, N]; B, C [B, T, N] -> y [B, T, D]."""
+    a = torch.exp(delta.unsqueeze(-1) * A)
+    b = (delta * u).unsqueeze(-1) * B.unsqueeze(-2)
+    h, _ = scan(a, b)
+    return (h * C.unsqueeze(-2)).sum(-1)
+
+
+def _torch_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    from lmscale.ops.diagonal_scan import chunk_diagonal_scan
+
+    return _mamba_scan(u, delta, A, B, C, partial(chunk_diagonal_scan, chunk_size=MAMBA_CHUNK_SIZE))
+
+
+def _reference_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """Token by token: the chunk form's pairwise decays would need 16× h's memory, in float64."""
+    from lmscale.ops.diagonal_scan import naive_diagonal_scan
+
+    return _mamba_scan(u, delta, A, B, C, naive_diagonal_scan)
+
+
+# what each implementation is checked against, called on its inputs upcast (see ``_reference_dtype``)
+REFERENCES: dict[str, Callable[..., Any]] = {
+    "recurrence": _torch_chunk,
+    "attention": _reference_attention,
+    "recurrence_step": _torch_step,
+    "attention_decode": _reference_decode_attention,
+    "lru_scan": _reference_lru_scan,
+    "selective_scan": _reference_selective_scan,
+}
+
+
+def default_impls() -> dict[str, dict[str, Impl]]:
+    """Op -> implementation name -> Impl. ``run_suite(impls=...)`` takes a different table (the tests
+    inject a deliberately wrong kernel to see it refused)."""
+    attention = Impl(lambda: _causal_attention, "attention")
+    torch_chunk = Impl(lambda: _torch_chunk, "recurrence")
+    ours_chunk = Impl(_ours_chunk, "recurrence")
+    return {
+        "gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_gla, "recurrence"), "torch": torch_chunk,
+                "sdpa": attention},
+        "simple_gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_simple_gla, "recurrence"),
+                       "torch": torch_chunk, "sdpa": attention},
+        "linear_attention": {"ours": ours_chunk, "torch": torch_chunk, "sdpa": attention},
+        "lru_scan": {"ours": Impl(_ours_lru_scan, "lru_scan"), "torch": Impl(lambda: _torch_lru_scan, "lru_scan")},
+        "selective_scan": {"ours": Impl(_ours_selective_scan, "selective_scan"),
+                           "torch": Impl(lambda: _torch_selective_scan, "selective_scan")},
+        "step": {"ours": Impl(_ours_step, "recurrence_step"), "fla": Impl(_fla_step, "recurrence_step"),
+                 "torch": Impl(lambda: _torch_step, "recurrence_step"),
+                 "sdpa": Impl(lambda: _decode_attention, "attention_decode")},
+    }
+
+
+# --- checking
+
+
+def relative_errors(outputs: dict[str, Tensor | None], references: dict[str, Tensor | None]) -> dict[str, float]:
+    """‖x − ref‖ / ‖ref‖ per tensor named in ``references`` (NaN where x has a NaN/inf or is missing)."""
+    errors = {}
+    for name, ref in references.items():
+        if ref is None:
+            continue
+        x = outputs.get(name)
+        if x is None or x.shape != ref.shape or not torch.isfinite(x).all():
+            errors[name] = math.nan
+            continue
+        diff = torch.linalg.vector_norm(x.to(ref.dtype) - ref, dtype=_norm_dtype(ref))
+        errors[name] = (diff / torch.linalg.vector_norm(ref, dtype=_norm_dtype(ref)).clamp_min(1e-30)).item()
+    return errors
+
+
+def _norm_dtype(ref: Tensor) -> torch.dtype:
+    return torch.complex128 if ref.is_complex() else torch.float64
+
+
+def judge(errors: dict[str, float], tolerance: float) -> str | None:
+    """None when every error is finite and within tolerance, else what is wrong."""
+    bad = [name for name, e in errors.items() if not math.isfinite(e)]
+    if bad:
+        return f"NaN/inf or missing values in {', '.join(bad)}"
+    worst = max(errors, key=errors.get)
+    if errors[worst] > tolerance:
+        return f"relative error {errors[worst]:.3g} in {worst} exceeds the tolerance {tolerance:g}"
+    return None
+
+
+def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs (as the GPU runs it), float64 for float32, complex128 for complex64."""
+    return {torch.float32: torch.float64, torch.complex64: torch.complex128}.get(dtype, torch.float32)
+
+
+def _gradients(fn: Callable[..., Tensor], inputs: list[Tensor | None], upstream: Tensor) -> dict[str, Tensor | None]:
+    """Output and the gradient of <output, upstream> w.r.t. every input (None where it does not depend on one)."""
+    leaves = [x for x in inputs if x is not None]
+    o = fn(*inputs)
+    grads = iter(torch.autograd.grad(o, leaves, upstream, allow_unused=True))
+    return {"o": o, **{f"d{i}": (next(grads) if x is not None else None) for i, x in enumerate(inputs)}}
+
+
+def _reference_outputs(name: str, inputs: list[Tensor | None], upstream: Tensor) -> dict[str, Tensor | None]:
+    """``REFERENCES[name]`` on the inputs upcast (``_reference_dtype``): output and input gradients, detached."""
+    hi = [None if x is None else x.detach().to(_reference_dtype(x.dtype)).requires_grad_() for x in inputs]
+    out = _gradients(REFERENCES[name], hi, upstream.to(_reference_dtype(upstream.dtype)))
+    return {k: None if x is None else x.detach() for k, x in out.items()}
+
+
+def _forward(fn: Callable[..., Tensor], inputs: list[Tensor | None]) -> dict[str, Tensor]:
+    with torch.no_grad():
+        return {"o": fn(*inputs)}
+
+
+def _named(outputs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Rename the positional gradients d0, d1, … to dq, dk, … for the records."""
+    return {("d" + names[int(k[1:])] if k[0] == "d" and k[1:].isdigit() else k): v for k, v in outputs.items()}
+
+
+# --- analytic counts: what each op must compute and move, for TFLOP/s and GB/s
+
+
+def recurrence_counts(B: int, T: int, H: int, D: int, gate: str, mode: str, itemsize: int) -> tuple[int, int]:
+    """(FLOPs, bytes) of the chunked recurrence: ``gated_recurrence_flops`` / ``_elements_moved`` (chunk
+    form, each tensor once). Forward+backward: 3× the forward's FLOPs (the backward's products are twice
+    the forward's), and the backward reads q, k, v, g, dO, writes dq, dk, dv, dg and rereads the chunk states."""
+    from lmscale.ops.gated_recurrence import gated_recurrence_elements_moved, gated_recurrence_flops
+
+    width = {"channel": D, "head": 1, "none": 0}[gate]
+    flops = B * gated_recurrence_flops(T, H, D, D, "chunk", CHUNK_SIZE)
+    elements = B * gated_recurrence_elements_moved(T, H, D, D, "chunk", CHUNK_SIZE, gate_width=width)
+    if mode == "fwdbwd":
+        flops *= 3
+        states = 2 * -(-T // CHUNK_SIZE) * H * D * D
+        elements += B * (H * T * (7 * D + 2 * width) + states)
+    return flops, elements * itemsize
+
+
+def attention_counts(B: int, T: int, H: int, D: int, mode: str, itemsize: int) -> tuple[int, int]:
+    """Causal attention: 2 products of T²/2 pairs × D, forward; the backward has 5 such products (2.5×).
+    Bytes: q, k, v in, o out; the backward reads q, k, v, o, dO and writes dq, dk, dv."""
+    flops = B * H * 2 * T * T * D
+    elements = B * T * H * 4 * D
+    if mode == "fwdbwd":
+        flops = flops * 7 // 2
+        elements += B * T * H * 8 * D
+    return flops, elements * itemsize
+
+
+# --- the run
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= 600 else text[:600] + " …"
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Run:
+    """One invocation: the suite, where to run, the records so far, and how each op is measured.
+
+    The record file is rewritten (atomically) after every record, so a run killed at the device's time
+    limit still returns everything it measured."""
+
+    def __init__(self, suite: Suite, device: torch.device, seed: int, check_only: bool,
+                 impls: dict[str, dict[str, Impl]], log: Callable[[str], None], stamp: str, path: Path,
+                 time_limit_s: float | None):
+        self.suite, self.device, self.seed, self.check_only = suite, device, seed, check_only
+        self.impls, self.log, self.stamp, self.path = impls, log, stamp, path
+        self.records: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.time_limit_s = time_limit_s
+
+    # records
+
+    def record(self, config: dict[str, Any], status: str, metrics: dict[str, Any] | None = None,
+               error: str | None = None) -> dict[str, Any]:
+        config = {"H": None, "D": None, "graphed": False, **config}
+        parts = [config["op"], config["impl"], config["mode"]] + [
+            f"{k}{config[k]}" for k in ("B", "T", "context") if config.get(k) is not None]
+        if config["graphed"]:
+            parts.append("graphed")
+        record = make_record(
+            EXPERIMENT, kind="kernel-check" if self.check_only else "kernel-bench", config=config,
+            seed=config["seed"], metrics=metrics or {}, device=str(self.device), status=status,
+            run_id=f"{self.stamp}-{len(self.records):03d}-" + "-".join(map(str, parts)),
+            extra={"error": error} if error else None,
+        )
+        self.records.append(record)
+        write_records(self.records, self.path)
+        self._progress(record)
+        return record
+
+    def _progress(self, record: dict[str, Any]) -> None:
+        c, m = record["config"], record["metrics"]
+        what = " ".join(f"{k}={c[k]}" for k in ("B", "T", "context") if c.get(k) is not None)
+        timing = f"{m['ms_median']:.4g} ms" if "ms_median" in m else ""
+        err = f"err {m['max_rel_err']:.2g}" if m.get("max_rel_err") is not None else ""
+        line = (f"[{time.perf_counter() - self.started:6.1f}s] {record['status']:8s} {c['op']} {c['mode']} "
+                f"{c['impl']}{' graphed' if c['graphed'] else ''} {what} {timing} {err}")
+        self.log(line.rstrip())
+        if record["status"] == "wrong":
+            self.log(f"!!! REFUSED TO TIME {c['op']} {c['impl']} {c['mode']} {what}: {record['error']}")
+        elif record["status"] in ("refused", "skipped"):
+            self.log(f"    {record['error']}")
+
+    def measure(self, config: dict[str, Any], prepare: Callable[[], tuple[dict[str, float], Callable]],
+                counts: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
+        """Check, then time. ``prepare()`` runs the implementation once at full size and returns the
+        relative errors against the reference and a function making the timed calls (one per input set).
+        ``config["seed"]`` is the seed its inputs were drawn with."""
+        tolerance = TOLERANCES[getattr(torch, config["dtype"])]
+        if self.out_of_time():
+            return self.skip(config, f"the run's time limit of {self.time_limit_s:.0f} s was spent")
+        try:
+            errors, make_calls = prepare()
+            finite = all(math.isfinite(e) for e in errors.values())
+            metrics = {"max_rel_err": max(errors.values()) if finite else math.nan, "tolerance": tolerance,
+                       **{f"rel_err_{name}": e for name, e in errors.items()}}
+            problem = judge(errors, tolerance)
+            if problem:
+                return self.record(config, "wrong", metrics, problem)
+            if self.check_only:
+                return self.record(config, "ok", metrics)
+            calls = make_calls()
+            timing = time_calls(calls, self.device, self.suite.budget)
+        except Unavailable as e:
+            return self.record(config, "skipped", error=str(e))
+        except Exception as e:  # noqa: BLE001 — whatever an implementation raises is its record's error
+            return self.record(config, "refused", error=_describe(e))
+        finally:
+            _free(self.device)
+        flops, nbytes = counts
+        seconds = timing.ms_median / 1e3
+        metrics.update(timing.metrics(), input_sets=len(calls))
+        if flops:
+            metrics.update(flops=flops, tflops=flops / seconds / 1e12)
+        if nbytes:
+            metrics.update(bytes=nbytes, gbps=nbytes / seconds / 1e9)
+        return self.record(config, "ok", metrics)
+
+    def out_of_time(self) -> bool:
+        return self.time_limit_s is not None and time.perf_counter() - self.started > self.time_limit_s
+
+    def skip(self, config: dict[str, Any], why: str) -> dict[str, Any]:
+        return self.record(config, "skipped", error=why)
+
+    def case_seed(self, *key: Any) -> int:
+        """A seed per case, so every case draws fresh inputs and any one can be redrawn alone."""
+        return (self.seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**31
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def randn(self, gen: torch.Generator, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.randn(*shape, generator=gen, device=self.device, dtype=dtype or torch.float32)
+
+    def sets(self, make: Callable[[], Any], first: Any, bytes_per_set: int) -> list[Any]:
+        """``first`` and enough fresh sets from ``make`` to rotate past the L2 cache."""
+        n = rotation_sets(bytes_per_set, self.device, self.suite.max_sets)
+        return [first] + [make() for _ in range(n - 1)]
+
+    # ops
+
+    def ceiling(self) -> None:
+        """The two rates every floor is computed from: a large bf16 matmul and a large device copy."""
+        s, dtype = self.suite, self.suite.dtype
+        seed = self.case_seed("ceiling")
+        n, gen = s.matmul_size, self.generator(seed)
+        config = {"op": "ceiling", "impl": "torch", "mode": "matmul", "B": None, "T": None, "n": n,
+                  "dtype": str(dtype).removeprefix("torch."), "seed": seed}
+
+        def matmul_set() -> tuple[Tensor, Tensor, Tensor]:
+            a, b = self.randn(gen, n, n, dtype=dtype), self.randn(gen, n, n, dtype=dtype)
+            return a, b, torch.empty_like(a)
+
+        def prepare_matmul():
+            first = matmul_set()
+            a, b, c = first
+            torch.mm(a, b, out=c)
+            ref = a.to(_reference_dtype(dtype)) @ b.to(_reference_dtype(dtype))
+            errors = relative_errors({"o": c}, {"o": ref})
+            return errors, lambda: [partial(torch.mm, *x[:2], out=x[2]) for x in
+                                    self.sets(matmul_set, first, tensor_bytes(*first))]
+
+        self.measure(config, prepare_matmul, (2 * n**3, 3 * n * n * dtype.itemsize))
+        size = s.copy_bytes // dtype.itemsize
+        config = {**config, "mode": "copy", "n": size}
+
+        def copy_set() -> tuple[Tensor, Tensor]:
+            return self.randn(gen, size, dtype=dtype), torch.empty(size, dtype=dtype, device=self.device)
+
+        def prepare_copy():
+            first = copy_set()
+            first[1].copy_(first[0])
+            errors = {"o": 0.0 if torch.equal(first[0], first[1]) else math.inf}
+            return errors, lambda: [partial(dst.copy_, src) for src, dst in
+                                    self.sets(copy_set, first, tensor_bytes(*first))]
+
+        self.measure(config, prepare_copy, (None, 2 * size * dtype.itemsize))
+
+    def chunked(self, op: str) -> None:
+        """A chunked recurrence (GLA, simple GLA or linear attention) against softmax attention."""
+        s, dtype, gate = self.suite, self.suite.dtype, GATES[op]
+        H, D = s.heads, s.head_dim
+
+        def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor | None]:
+            # q, k ~ N(0, 1/√D): q·k ~ N(0, 1), no bf16 overflow; gates as the mixers make them
+            q = self.randn(gen, B, T, H, D) * D**-0.25
+            k = self.randn(gen, B, T, H, D) * D**-0.25
+            v = self.randn(gen, B, T, H, D)
+            if gate == "channel":  # GLA: logsigmoid(x) / 16 (gate_temperature)
+                log_g = F.logsigmoid(self.randn(gen, B, T, H, D)) / 16
+            elif gate == "head":  # RetNet / Mamba-2-style: per head, in [−0.1, −0.001]
+                log_g = -0.001 - 0.099 * torch.rand(B, T, H, generator=gen, device=self.device)
+            else:
+                log_g = None
+            do = self.randn(gen, B, T, H, D)
+            return [None if x is None else x.to(dtype).requires_grad_() for x in (q, k, v, log_g)] + [do.to(dtype)]
+
+        def counts(B: int, T: int, mode: str, reference: str) -> tuple[int, int]:
+            if reference == "attention":
+                return attention_counts(B, T, H, D, mode, dtype.itemsize)
+            return recurrence_counts(B, T, H, D, gate, mode, dtype.itemsize)
+
+        shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "gate": gate}
+        self._sequences(op, ("q", "k", "v", "g"), draw, s.seq_lens, s.tokens, counts, shape)
+
+    def lru_scan(self) -> None:
+        """The LRU's complex scan at a 350M layer: N = d_model complex channels, |λ| in [0.9, 0.999]."""
+        s, N = self.suite, self.suite.scan_width
+
+        def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor]:
+            radius = torch.sqrt(0.9**2 + (0.999**2 - 0.9**2) * torch.rand(N, generator=gen, device=self.device))
+            lam = torch.polar(radius, 2 * math.pi * torch.rand(N, generator=gen, device=self.device))
+            b = torch.complex(self.randn(gen, B, T, N), self.randn(gen, B, T, N))
+            dh = torch.complex(self.randn(gen, B, T, N), self.randn(gen, B, T, N))
+            return [lam.requires_grad_(), b.requires_grad_(), dh]
+
+        def counts(B: int, T: int, mode: str, reference: str) -> tuple[None, int]:
+            # b in, h out; the backward reads h and dh and writes db (complex64, 8 bytes)
+            return None, B * T * N * 8 * (2 if mode == "fwd" else 5)
+
+        self._sequences("lru_scan", ("lam", "b"), draw, s.scan_seq_lens, s.tokens, counts,
+                        {"N": N, "dtype": "complex64"})
+
+    def selective_scan(self) -> None:
+        """Mamba's scan at a 350M layer (d_inner = 2048, N = 16), float32 as the mixer computes it, at
+        ``mamba_tokens`` per batch: the PyTorch form's [B, T, chunk, d_inner, N] decays are 16 GiB each at 8K."""
+        s, D, N = self.suite, self.suite.mamba_width, MAMBA_STATE
+
+        def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor]:
+            dt = torch.exp(math.log(1e-3) + math.log(100) * torch.rand(D, generator=gen, device=self.device))
+            dt_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus: Δ ≈ dt, as the mixer initialises
+            delta = F.softplus(0.5 * self.randn(gen, B, T, D) + dt_bias)
+            A = -torch.arange(1, N + 1, device=self.device, dtype=torch.float32).expand(D, N).clone()
+            u, Bm, C = self.randn(gen, B, T, D), self.randn(gen, B, T, N), self.randn(gen, B, T, N)
+            return [x.requires_grad_() for x in (u, delta, A, Bm, C)] + [self.randn(gen, B, T, D)]
+
+        def counts(B: int, T: int, mode: str, reference: str) -> tuple[None, int]:
+            # fused: u, Δ, B, C in, y out; the backward reads them and dy and writes their gradients
+            return None, B * T * (3 * D + 2 * N if mode == "fwd" else 8 * D + 6 * N) * 4
+
+        self._sequences("selective_scan", ("u", "delta", "A", "B", "C"), draw, s.scan_seq_lens, s.mamba_tokens,
+                        counts, {"D": D, "N": N, "dtype": "float32"})
+
+    def _sequences(self, op: str, names: tuple[str, ...], draw: Callable, seq_lens: tuple[int, ...], tokens: int,
+                   counts: Callable, shape: dict[str, Any]) -> None:
+        """An op on whole sequences at every T (B = tokens // T): one input set drawn per T and shared by
+        every implementation, each reference computed once on first use; forward, then forward+backward.
+        ``draw(B, T, gen)`` returns the inputs (``names``) and the upstream gradient last."""
+        for T in seq_lens:
+            B, seed = tokens // T, self.case_seed(op, T)
+            draw_set = partial(draw, B, T, self.generator(seed))
+            first = draw_set()
+            references: dict[str, dict[str, Tensor | None]] = {}
+            for mode in ("fwd", "fwdbwd"):
+                for name, impl in self.impls.get(op, {}).items():
+                    config = {"op": op, "impl": name, "mode": mode, "B": B, "T": T, **shape, "seed": seed}
+                    prepare = partial(self._prepare_sequences, impl, mode, names, first, draw_set, references)
+                    self.measure(config, prepare, counts(B, T, mode, impl.reference))
+            del first, references
+            _free(self.device)
+
+    def _prepare_sequences(self, impl: Impl, mode: str, names: tuple[str, ...], first: list, draw: Callable,
+                           references: dict[str, dict[str, Tensor | None]]):
+        fn, n = impl.build(), len(names)
+        if impl.reference not in references:
+            references[impl.reference] = _reference_outputs(impl.reference, first[:n], first[n])
+        ref = references[impl.reference]
+        if mode == "fwd":
+            out, ref = _forward(fn, first[:n]), {"o": ref["o"]}
+        else:
+            out = _gradients(fn, first[:n], first[n])
+        errors = relative_errors(_named(out, names), _named(ref, names))
+        del out
+        run = _forward if mode == "fwd" else (lambda f, x: _gradients(f, x[:n], x[n]))
+        return errors, lambda: [partial(run, fn, x if mode == "fwdbwd" else x[:n])
+                                for x in self.sets(draw, first, tensor_bytes(*first))]
+
+    def step(self) -> None:
+        """One layer's decoding step: recurrent (state [B, H, D, D] float32) vs attention over a KV cache."""
+        s, dtype, H, D = self.suite, self.suite.dtype, self.suite.heads, self.suite.head_dim
+        dname = str(dtype).removeprefix("torch.")
+        for B in s.decode_batches:
+            for name, impl in self.impls.get("step", {}).items():
+                contexts = s.contexts if impl.reference == "attention_decode" else (None,)
+                for L in contexts:
+                    seed = self.case_seed("step", B) if L is None else self.case_seed("decode", B, L)
+                    for graphed in (False, True):
+                        config = {"op": "step", "impl": name, "mode": "step", "B": B, "T": 1, "H": H, "D": D,
+                                  "dtype": dname, "graphed": graphed, "context": L, "gate": "channel", "seed": seed}
+                        if graphed and self.device.type != "cuda":
+                            self.skip(config, "CUDA graphs need a CUDA device")
+                            continue
+                        if L is None:
+                            state_bytes = B * H * D * D * 4
+                            counts = (B * H * 4 * D * D, 2 * state_bytes + B * H * 5 * D * dtype.itemsize)
+                            self.measure(config, partial(self._prepare_recurrent_step, impl, B, graphed, seed), counts)
+                            continue
+                        cache_bytes = 2 * B * L * H * D * dtype.itemsize
+                        need = (cache_bytes * rotation_sets(cache_bytes, self.device, s.max_sets)
+                                + cache_bytes // B * 4 // dtype.itemsize + 2**30)  # + one upcast sequence
+                        if need > s.memory_limit:
+                            self.skip(config, f"a {L}-token KV cache at batch {B} needs {need / 2**30:.1f} GiB "
+                                              f"with its rotation sets and reference > {s.memory_limit / 2**30:.0f} GiB")
+                            continue
+                        counts = (B * H * 4 * L * D, cache_bytes + B * H * 2 * D * dtype.itemsize)
+                        self.measure(config, partial(self._prepare_decode_attention, impl, B, L, graphed, seed),
+                                     counts)
+
+    def _prepare_recurrent_step(self, impl: Impl, B: int, graphed: bool, seed: int):
+        dtype, H, D = self.suite.dtype, self.suite.heads, self.suite.head_dim
+        fn = impl.build()
+        gen = self.generator(seed)
+
+        def draw() -> tuple[Tensor, ...]:
+            q, k = (self.randn(gen, B, H, D) * D**-0.25 for _ in range(2))
+            v, log_g = self.randn(gen, B, H, D), F.logsigmoid(self.randn(gen, B, H, D)) / 16
+            return (q.to(dtype), k.to(dtype), v.to(dtype), log_g.to(dtype), self.randn(gen, B, H, D, D))
+
+        first = draw()
+        sets = self.sets(draw, first, tensor_bytes(*first))
+        calls = self._calls(fn, sets, graphed)
+        state_before = first[4].clone()  # the kernel may update it in place
+        o, state = calls[0]()
+        hi = _reference_dtype(dtype)
+        ref_o, ref_state = REFERENCES[impl.reference](*(x.to(hi) for x in (*first[:4], state_before)))
+        return relative_errors({"o": o, "state": state}, {"o": ref_o, "state": ref_state}), lambda: calls
+
+    def _prepare_decode_attention(self, impl: Impl, B: int, L: int, graphed: bool, seed: int):
+        dtype, H, D = self.suite.dtype, self.suite.heads, self.suite.head_dim
+        fn = impl.build()
+        gen = self.generator(seed)
+
+        def draw() -> tuple[Tensor, ...]:
+            return (self.randn(gen, B, 1, H, D, dtype=dtype), self.randn(gen, B, L, H, D, dtype=dtype),
+                    self.randn(gen, B, L, H, D, dtype=dtype))
+
+        first = draw()
+        calls = self._calls(fn, self.sets(draw, first, tensor_bytes(*first)), graphed)
+        errors = relative_errors({"o": calls[0]()}, {"o": REFERENCES[impl.reference](*first)})
+        return errors, lambda: calls
+
+    def _calls(self, fn: Callable, sets: list, graphed: bool) -> list[Callable[[], Any]]:
+        """One eager call per input set, or each captured in its own CUDA graph (graphs fix addresses)."""
+        with torch.no_grad():
+            calls = [partial(fn, *x) for x in sets]
+            return capture_graphs(calls, self.device) if graphed else calls
+
+    def model_step(self) -> None:
+        """One decoding step of a whole GLA model at batch 1: ``LanguageModel.step`` eager vs GraphedStep."""
+        s, dtype = self.suite, self.suite.dtype
+        seed = self.case_seed("model_step")
+        configs = [{"op": "model_step", "impl": "ours", "mode": "step", "B": 1, "T": 1, "H": None, "D": None,
+                    "dtype": str(dtype).removeprefix("torch."), "graphed": graphed, "preset": s.model_preset,
+                    "mixer": "gla", "seed": seed} for graphed in (False, True)]
+        try:
+            if self.out_of_time():
+                raise Unavailable(f"the run's time limit of {self.time_limit_s:.0f} s was spent")
+            graphed_step = load("lmscale.decode", "GraphedStep")
+            model, reference_model = self._models(seed)
+        except Unavailable as e:
+            for config in configs:
+                self.skip(config, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 — e.g. out of memory: both measurements say so
+            for config in configs:
+                self.record(config, "refused", error=_describe(e))
+            return
+        cfg = model.cfg
+        for config in configs:
+            config.update(n_layers=cfg.n_layers, d_model=cfg.d_model, H=cfg.n_heads, D=cfg.d_model // cfg.n_heads)
+        params = model.num_params()
+        counts = (2 * params, params * dtype.itemsize)  # every weight read once per token (batch 1)
+        with torch.no_grad():
+            for config in configs:
+                if config["graphed"] and self.device.type != "cuda":
+                    self.skip(config, "CUDA graphs need a CUDA device")
+                    continue
+                prepare = partial(self._prepare_model_step, model, reference_model, graphed_step, config["graphed"], seed)
+                self.measure(config, prepare, counts)
+        del model, reference_model
+        _free(self.device)
+
+    def _models(self, seed: int):
+        """The preset's GLA model in the suite dtype (its mixers pick our kernels, ``impl="auto"``), and the
+        reference: the same (rounded) weights upcast, its mixers on the PyTorch path (``impl="torch"``)."""
+        from lmscale.model import LanguageModel
+        from lmscale.presets import preset
+
+        torch.manual_seed(seed)
+        with torch.device(self.device):
+            model = LanguageModel(preset(self.suite.model_preset, "gla")).to(self.suite.dtype).eval()
+            reference = LanguageModel(preset(self.suite.model_preset, "gla", mixer_options={"impl": "torch"}))
+        reference.load_state_dict(model.state_dict())
+        return model, reference.to(_reference_dtype(self.suite.dtype)).eval()
+
+    def _prepare_model_step(self, model, reference_model, graphed_step, graphed: bool, seed: int, steps: int = 4):
+        gen = self.generator(seed)
+        tokens = torch.randint(model.cfg.vocab_size, (steps, 1), generator=gen, device=self.device)
+        ref_state = reference_model.init_state(1, self.device, _reference_dtype(self.suite.dtype))
+        ref = []
+        for token in tokens:
+            logits, ref_state = reference_model.step(token, ref_state)
+            ref.append(logits)
+        if graphed:
+            call = graphed_step(model, 1, self.device, self.suite.dtype, graph=True)
+        else:
+            state = [model.init_state(1, self.device, self.suite.dtype)]
+
+            def call(idx: Tensor) -> Tensor:
+                logits, state[0] = model.step(idx, state[0])
+                return logits
+
+        out = torch.stack([call(token).clone() for token in tokens])
+        errors = relative_errors({"logits": out}, {"logits": torch.stack(ref)})
+        return errors, lambda: [partial(call, tokens[0])]
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """The context from which attention decoding is slower than a recurrent step: ``context`` where the
+    measured contexts bracket it, else only a bound (``high``: faster already at the smallest context;
+    ``low``: still slower at the largest)."""
+
+    context: float | None
+    low: int | None = None
+    high: int | None = None
+
+    def __str__(self) -> str:
+        if self.context is not None:
+            return f"{self.context / 1024:.3g}K"
+        return f"< {int(self.high) // 1024}K" if self.high is not None else f"> {int(self.low) // 1024}K"
+
+
+def crossover_context(contexts: list[int], attention_ms: list[float], recurrent_ms: float) -> Crossover:
+    """Where attention's decode time, measured at increasing ``contexts``, reaches ``recurrent_ms``:
+    interpolated linearly on log-log axes (attention's time is a power law in the context, O(L) once
+    memory-bound) between the two measured contexts around it."""
+    points = sorted(zip(contexts, attention_ms))
+    if points[0][1] >= recurrent_ms:
+        return Crossover(None, high=points[0][0])
+    for (l0, t0), (l1, t1) in itertools.pairwise(points):
+        if t1 >= recurrent_ms:
+            share = (math.log(recurrent_ms) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return Crossover(math.exp(math.log(l0) + share * (math.log(l1) - math.log(l0))))
+    return Crossover(None, low=points[-1][0])
+
+
+def run_suite(
+    device: str | torch.device | None = None,
+    quick: bool = False,
+    ops: Iterable[str] | None = None,
+    out: Path | str | None = None,
+    check_only: bool = False,
+    seed: int = 0,
+    impls: dict[str, dict[str, Impl]] | None = None,
+    dtype: torch.dtype | None = None,
+    model_preset: str | None = None,
+    time_limit_s: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, Any]], Path]:
+    """Run the suite's ``ops`` (all of ``KERNEL_OPS`` by default) and write every record to one file
+    ``<out>/<date>-<device>[-quick][-check].jsonl`` (``out`` defaults to ``data/results/kernels``).
+    Past ``time_limit_s`` seconds every measurement not yet started is recorded as skipped, so a run
+    that must fit a time slot still ends with its table. Returns the records and the file."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device; use --device cpu (with --quick)")
+    ops = list(KERNEL_OPS if ops is None else ops)
+    unknown = [op for op in ops if op not in KERNEL_OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; the suite has {', '.join(KERNEL_OPS)}")
+    if device.type == "cpu" and not quick:
+        raise ValueError("the full kernel suite on the CPU would take hours (the kernels run in Triton's "
+                         "interpreter); add --quick, or run it on a GPU")
+    suite = make_suite(quick, device, dtype)
+    if model_preset:
+        suite = replace(suite, model_preset=model_preset)
+    stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}"
+    name = f"{stamp}-{device.type}{'-quick' if quick else ''}{'-check' if check_only else ''}.jsonl"
+    path = Path(out or results_dir() / EXPERIMENT) / name
+    run = _Run(suite, device, seed, check_only, default_impls() if impls is None else impls,
+               log or (lambda line: print(line, file=sys.stderr, flush=True)), stamp, path, time_limit_s)
+    run.log(f"lmscale bench kernels: {', '.join(ops)} on {_device_name(device)}, {suite.dtype}, "
+            f"{'quick' if quick else 'full'}{', check only' if check_only else ''} -> {path}")
+    for op in KERNEL_OPS:
+        if op not in ops:
+            continue
+        try:
+            {"ceiling": run.ceiling, "lru_scan": run.lru_scan, "selective_scan": run.selective_scan,
+             "step": run.step, "model_step": run.model_step}.get(op, partial(run.chunked, op))()
+        except Exception as e:  # noqa: BLE001 — outside any measurement (drawing inputs): go on to the next op
+            run.log(f"!!! op {op} aborted: {_describe(e)}")
+            _free(device)
+    write_records(run.records, path)  # also when nothing was recorded: the file says the run happened
+    return run.records, path
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """One line per op, mode and shape; per implementation the median ms (or its status): the device
+    returns only the end of the output, so the table is the last thing printed and stays compact."""
+    rows: dict[tuple, list[str]] = {}
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        key = (c["op"], c["mode"], c.get("B"), f"T={c.get('T')}" if c.get("context") is None else f"L={c['context']}")
+        name = c["impl"] + ("/g" if c.get("graphed") else "")
+        if r["status"] == "ok" and "ms_median" in m:
+            cell = f"{name} {m['ms_median']:.4g}"
+        elif r["status"] == "ok":
+            cell = f"{name} ok({m['max_rel_err']:.1e})"
+        elif r["status"] == "wrong":
+            cell = f"{name} WRONG({m.get('max_rel_err') or float('nan'):.1e})"
+        else:
+            cell = f"{name} {r['status']}"
+        rows.setdefault(key, []).append(cell)
+    lines = ["op mode B T (L: KV-cache length): impl median ms (/g: in a CUDA graph)"]
+    for (op, mode, B, length), cells in rows.items():
+        lines.append(f"{op} {mode} B={B} {length}: " + "  ".join(cells))
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "wrong", "refused", "skipped")}
+    lines.append("records: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""The chunked gated linear recurrence on the GPU: the PyTorch chunk form's signature, Triton's kernels.
+
+``chunk_gated_recurrence`` here is a drop-in for ``lmscale.ops.gated_recurrence.chunk_gated_recurrence``
+(same arguments, same results up to float32 rounding) with a hand-written backward:
+
+forward   states (``chunk_fwd.chunk_states_kernel``) → outputs (``chunk_output_kernel``);
+backward  states again → state gradients (``chunk_bwd.chunk_state_grads_kernel``) → dv
+          (``chunk_dv_kernel``) → dq, dk, d log g (``chunk_dqkg_kernel``).
+
+Only q, k, v, log g and the initial state are kept for the backward: the chunk states (N+1 float32
+[D_k, D_v] per head, ≈4× the size of q at D = 128, C = 64, bf16) are recomputed, one pass over k and v.
+
+Tensors may be any strided [B, H, T, D] views with unit stride along D — in particular
+``x.view(B, T, H, D).transpose(1, 2)`` — and nothing is copied; o, dq, dk, dv are allocated with the
+memory layout of v, q, k, v so the caller's transpose back is free. Inputs are float32 (dot products in
+IEEE float32) or bfloat16 (bf16 tensor-core dot operands, float32 accumulation and states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from torch import Tensor
+
+from lmscale.ops.triton import interpreting
+from lmscale.ops.triton.chunk_bwd import chunk_dqkg_kernel, chunk_dv_kernel, chunk_state_grads_kernel
+from lmscale.ops.triton.chunk_fwd import (
+    GATE_CHANNEL,
+    GATE_NONE,
+    GATE_SCALAR,
+    chunk_output_kernel,
+    chunk_states_kernel,
+)
+
+CHUNK_SIZES = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float32, torch.bfloat16)
+# Tile caps, powers of two. Head dims are cut into blocks of ≤ BLOCK; the kernels that form a C×C score
+# matrix over all of D_k for each V block (output, dv) take D_v ≤ SCORES_BLOCK_V in one block so they
+# form it once. The tuning knobs for the GPU (tests lower them to reach several blocks at small dims).
+BLOCK = 64
+SCORES_BLOCK_V = 128
+# 8 warps, 2 pipeline stages: at D = 128 (bf16) every kernel then compiles for sm_90 without register
+# spills (4 warps spill in the per-channel kernels; 3 stages double the shared memory of the output and
+# dv kernels to 128 KiB, one program per SM). Not yet timed against other settings.
+LAUNCH = {"num_warps": 8, "num_stages": 2}
+
+
+def chunk_gated_recurrence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor | None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = diag(g_t) S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t, in Triton kernels.
+
+    q, k: [B, H, T, D_k]; v: [B, H, T, D_v] (D ≤ 256, any T ≥ 1); log_g ≤ 0: [B, H, T, D_k] (per key
+    channel), [B, H, T] (per head) or None; initial_state: [B, H, D_k, D_v]. Returns o [B, H, T, D_v] in
+    q's dtype and, if ``output_final_state``, the final state [B, H, D_k, D_v] in float32.
+    chunk_size: 16, 32, 64 or 128.
+    """
+    _check_inputs(q, k, v, log_g, initial_state, chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    log_g = None if log_g is None else _unit_last_stride(log_g)
+    with _on_device_of(q):
+        o, final_state = ChunkGatedRecurrence.apply(q, k, v, log_g, scale, initial_state, chunk_size)
+    return o, final_state if output_final_state else None
+
+
+class ChunkGatedRecurrence(torch.autograd.Function):
+    """Autograd for the kernels: gradients for q, k, v, log g and the initial state, honouring the
+    gradient that flows into the final state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_g, scale, initial_state, chunk_size):
+        gate = _gate_mode(log_g)
+        states = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
+        o = _chunk_output(q, k, v, log_g, states, scale, gate, chunk_size)
+        ctx.save_for_backward(q, k, v, log_g, initial_state)
+        ctx.scale, ctx.chunk_size, ctx.gate = scale, chunk_size, gate
+        ctx.set_materialize_grads(False)
+        final_state = states.unflatten(0, q.shape[:2])[:, :, -1].clone()
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, d_final_state):
+        q, k, v, log_g, initial_state = ctx.saved_tensors
+        scale, C, gate = ctx.scale, ctx.chunk_size, ctx.gate
+        if do is None:  # only the final state reached the loss
+            do = torch.zeros_like(v, dtype=q.dtype)
+        do = _unit_last_stride(do.to(q.dtype))
+        need_dg = gate != GATE_NONE.value and ctx.needs_input_grad[3]
+        with _on_device_of(q):
+            states = _chunk_states(k, v, log_g, initial_state, gate, C)
+            d_states, d_initial = _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C)
+            dv = _chunk_dv(q, k, v, log_g, do, d_states, scale, gate, C)
+            dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, scale, gate, C, need_dg)
+        d_initial_state = None
+        if initial_state is not None and ctx.needs_input_grad[5]:
+            d_initial_state = d_initial.view_as(initial_state).to(initial_state.dtype)
+        return dq, dk, dv, d_log_g, None, d_initial_state, None
+
+
+def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
+    """Pass 1: states entering each chunk plus the final one, float32 [B·H, N+1, D_k, D_v]."""
+    B, H, T, K = k.shape
+    V, N = v.shape[-1], triton.cdiv(T, C)
+    states = k.new_empty(B * H, N + 1, K, V, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    BK, BV = _block(K), _block(V)
+    chunk_states_kernel[(B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        k, v, _or(log_g, k), _or(h0, states), states, T, N, H,
+        *_strides(k), *_strides(v), *_strides(log_g),
+        K=K, V=V, GATE=gate, HAS_H0=h0 is not None, C=C, BK=BK, BV=BV, INTERPRET=interpreting(), **LAUNCH,
+    )
+    return states
+
+
+def _chunk_output(q, k, v, log_g, states, scale, gate, C) -> Tensor:
+    """Pass 2: o [B, H, T, D_v] in q's dtype and v's memory layout."""
+    B, H, T, K = q.shape
+    V, N = v.shape[-1], states.shape[1] - 1
+    o = torch.empty_like(v, dtype=q.dtype)
+    BK, BV = _block(K), _block(V, SCORES_BLOCK_V)
+    chunk_output_kernel[(N, B * H, triton.cdiv(V, BV))](
+        q, k, v, _or(log_g, q), states, o, scale, T, N, H,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(log_g), *_strides(o),
+        K=K, V=V, GATE=gate, C=C, BK=BK, BV=BV, **LAUNCH,
+    )
+    return o
+
+
+def _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C) -> tuple[Tensor, Tensor]:
+    """Pass 3: dS_n, the gradient w.r.t. the state leaving chunk n, float32 [B·H, N, D_k, D_v], and the
+    initial state's gradient, float32 [B·H, D_k, D_v]."""
+    B, H, T, K = q.shape
+    V, N = do.shape[-1], triton.cdiv(T, C)
+    d_states = q.new_empty(B * H, N, K, V, dtype=torch.float32)
+    d_initial = q.new_empty(B * H, K, V, dtype=torch.float32)
+    if d_final_state is not None:
+        d_final_state = d_final_state.float().contiguous()
+    BK, BV = _block(K), _block(V)
+    chunk_state_grads_kernel[(B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        q, do, _or(log_g, q), _or(d_final_state, d_initial), d_states, d_initial, scale, T, N, H,
+        *_strides(q), *_strides(do), *_strides(log_g),
+        K=K, V=V, GATE=gate, HAS_DHT=d_final_state is not None, C=C, BK=BK, BV=BV,
+        INTERPRET=interpreting(), **LAUNCH,
+    )
+    return d_states, d_initial
+
+
+def _chunk_dv(q, k, v, log_g, do, d_states, scale, gate, C) -> Tensor:
+    """Pass 4: dv in v's dtype and memory layout."""
+    B, H, T, K = q.shape
+    V, N = v.shape[-1], d_states.shape[1]
+    dv = torch.empty_like(v)
+    BK, BV = _block(K), _block(V, SCORES_BLOCK_V)
+    chunk_dv_kernel[(N, B * H, triton.cdiv(V, BV))](
+        q, k, _or(log_g, q), do, d_states, dv, scale, T, N, H,
+        *_strides(q), *_strides(k), *_strides(log_g), *_strides(do), *_strides(dv),
+        K=K, V=V, GATE=gate, C=C, BK=BK, BV=BV, **LAUNCH,
+    )
+    return dv
+
+
+def _chunk_dqkg(q, k, v, log_g, do, states, d_states, scale, gate, C, need_dg):
+    """Pass 5: dq, dk (layouts of q, k) and d log g (None unless ``need_dg``)."""
+    B, H, T, K = q.shape
+    V, N = v.shape[-1], d_states.shape[1]
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    BK, BV = _block(K), _block(V)
+    channel = gate == GATE_CHANNEL.value
+    dg = None
+    if need_dg and channel:
+        dg = torch.empty_like(log_g)
+    elif need_dg:  # per head: one partial sum per K block, added up below
+        dg = q.new_empty(triton.cdiv(K, BK), B * H, T, dtype=torch.float32)
+    chunk_dqkg_kernel[(N, B * H, triton.cdiv(K, BK))](
+        q, k, v, _or(log_g, q), do, states, d_states, dq, dk, _or(dg, dq), scale, T, N, H,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(log_g), *_strides(do), *_strides(dq),
+        *_strides(dk), *_strides(dg if channel else None),
+        K=K, V=V, GATE=gate, NEED_DG=need_dg, C=C, BK=BK, BV=BV, **LAUNCH,
+    )
+    if dg is not None and not channel:
+        dg = dg.sum(0).view(B, H, T).to(log_g.dtype)
+    return dq, dk, dg
+
+
+def _on_device_of(x: Tensor):
+    """Triton launches on the current CUDA device; make it x's (a process may drive several GPUs)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _gate_mode(log_g: Tensor | None) -> int:
+    if log_g is None:
+        return GATE_NONE.value
+    return (GATE_SCALAR if log_g.ndim == 3 else GATE_CHANNEL).value
+
+
+def _block(dim: int, cap: int | None = None) -> int:
+    """Tile width for a head dimension: a power of two ≥ 16 (tl.dot's minimum), at most ``cap``."""
+    return min(cap or BLOCK, max(16, triton.next_power_of_2(dim)))
+
+
+def _strides(x: Tensor | None) -> tuple[int, int, int]:
+    """Batch, head and time strides of a [B, H, T, …] tensor (zeros for an absent one)."""
+    return (0, 0, 0) if x is None else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _or(x: Tensor | None, placeholder: Tensor) -> Tensor:
+    """A kernel's pointer argument: the tensor, or any tensor the kernel never reads in its place."""
+    return placeholder if x is None else x
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """The kernels index the head dimension with stride 1; other layouts are copied (rare: e.g. expanded
+    gradients)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_inputs(q, k, v, log_g, initial_state, chunk_size) -> None:
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError("q, k must be [B, H, T, D_k] and v [B, H, T, D_v]; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype, float32 or bfloat16; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}: cast them, or use the PyTorch form (impl='torch') for other dtypes")
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    if max(K, V) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D_k={K}, D_v={V}: split heads "
+                         "or use the PyTorch form (impl='torch')")
+    if log_g is not None and (tuple(log_g.shape) not in ((B, H, T, K), (B, H, T))
+                              or not log_g.is_floating_point()):
+        raise ValueError(f"log_g must be a float tensor [B, H, T, D_k] = {(B, H, T, K)} (per channel) or "
+                         f"[B, H, T] = {(B, H, T)} (per head), or None; "
+                         f"got {tuple(log_g.shape)} {log_g.dtype}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, D_k, D_v] = {(B, H, K, V)}, "
+                         f"got {tuple(initial_state.shape)}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, "
+                         f"got {chunk_size}")
+    if not (q.is_cuda or interpreting()):
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device.type}; "
+                           "set TRITON_INTERPRET=1 "
+                           "before importing lmscale to interpret them on the CPU, or use the PyTorch form")

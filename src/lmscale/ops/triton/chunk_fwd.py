@@ -1,0 +1,231 @@
+"""Forward kernels of the chunked gated linear recurrence, and the tile helpers the backward shares.
+
+Notation (per batch·head, chunk n of C positions t = 0 … C−1): b_t = Σ_{u≤t} log g_u, the cumulative log
+decay from the chunk start, computed in every kernel with ``tl.cumsum`` (no cumsum pass to memory);
+h_n = the state entering chunk n. Two passes:
+
+1. ``chunk_states_kernel``, grid (B·H, ⌈D_k/BK⌉, ⌈D_v/BV⌉), sequential over the N chunks:
+       h_{n+1} = diag(exp(b_L)) h_n + (k ⊙ exp(b_L − b))ᵀ v        (L = the chunk's last row)
+   stores h_0 … h_N (h_N is the final state) in float32: [B·H, N+1, D_k, D_v]. float32 because the
+   states compound over thousands of chunks; the dot operands are cast to the input dtype anyway.
+   Per chunk: 2·C·D_k·D_v FLOPs; reads C·(D_k + D_v) input elements and C·D_k log gates (C per head),
+   writes D_k·D_v float32 — for D = 128, C = 64 the state write (64 KiB) is twice the k, v read (bf16).
+2. ``chunk_output_kernel``, grid (N, B·H, ⌈D_v/BV⌉), parallel over chunks:
+       o = scale · [(q ⊙ exp(b)) h_n + intra(q, k, b) v]
+   Per chunk: 2·C·D_k·D_v FLOPs for the state, 2·C²·(D_k + D_v) for the intra-chunk pairs (half of
+   them masked); reads q, k, log g, v and h_n (D_k·D_v float32), writes o. q, k and the gates are read
+   once per V block: BV covers D_v ≤ 128 in one block, so once.
+
+Intra-chunk pairs keep every exponent ≤ 0, so nothing overflows whatever the gates (strong decays
+underflow to 0, which is also their true value to float32 precision):
+- one decay per head (or none): a C×C masked matmul, exp(b_t − b_s) masked to t ≥ s *before* exp.
+- one decay per key channel: sub-chunks of SUB = 16 positions. Query sub-chunk i meets every earlier key
+  through r = b at the last row of sub-chunk i−1: (q ⊙ exp(b − r)) (k ⊙ exp(r − b))ᵀ, both ≤ 0 since
+  b never increases; pairs inside sub-chunk i take the exact per-channel decay, one key row at a time
+  (``diag_scores``: C·SUB·D_k exps per chunk, the kernel's elementwise cost).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Globals a kernel reads must be tl.constexpr objects (plain ints compile in the interpreter only).
+# The GATE constexpr: log_g None, [B, H, T] (per head) or [B, H, T, D_k] (per channel).
+GATE_NONE, GATE_SCALAR, GATE_CHANNEL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+SUB = tl.constexpr(16)  # sub-chunk length for per-channel gates: the smallest side tl.dot takes
+# INTERPRET_LOOP_NOTE: the sequential kernels loop over a runtime number of chunks. Triton 3.6's CPU
+# interpreter turns `for n in range(N)` into int() of a one-element array, which NumPy ≥ 2.4 refuses, so
+# under the interpreter (INTERPRET=True) they loop with `while`; on the GPU `for` lets Triton pipeline
+# the next chunk's loads behind this chunk's dot. Head dims are constexpr for the same reason (and so
+# the K and V block loops have known trip counts).
+
+
+@triton.jit
+def load_tile(x, stride_t, t0, T, c0, D, R: tl.constexpr, W: tl.constexpr):
+    """Rows t0 … t0+R−1, columns c0 … c0+W−1 of a [T, D] slice with unit column stride; 0 outside."""
+    r = tl.arange(0, R)
+    c = c0 + tl.arange(0, W)
+    ptr = x + tl.cast(t0, tl.int64) * stride_t + r[:, None] * stride_t + c[None, :]
+    return tl.load(ptr, mask=(t0 + r[:, None] < T) & (c[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_tile(x, stride_t, t0, T, c0, D, value, R: tl.constexpr, W: tl.constexpr):
+    r = tl.arange(0, R)
+    c = c0 + tl.arange(0, W)
+    ptr = x + tl.cast(t0, tl.int64) * stride_t + r[:, None] * stride_t + c[None, :]
+    tl.store(ptr, value.to(x.dtype.element_ty), mask=(t0 + r[:, None] < T) & (c[None, :] < D))
+
+
+@triton.jit
+def load_gate_rows(x, stride_t, t0, T, R: tl.constexpr):
+    """Per-head log gates of rows t0 … t0+R−1 as float32 [R]; 0 (no decay) past T."""
+    r = tl.arange(0, R)
+    g = tl.load(x + tl.cast(t0, tl.int64) * stride_t + r * stride_t, mask=t0 + r < T, other=0.0)
+    return g.to(tl.float32)
+
+
+@triton.jit
+def load_state(x, k0, K, v0, V, BK: tl.constexpr, BV: tl.constexpr):
+    """Block [k0:k0+BK, v0:v0+BV] of a contiguous float32 [K, V] state."""
+    rk = k0 + tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    return tl.load(x + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+
+
+@triton.jit
+def store_state(x, k0, K, v0, V, value, BK: tl.constexpr, BV: tl.constexpr):
+    rk = k0 + tl.arange(0, BK)
+    rv = v0 + tl.arange(0, BV)
+    tl.store(x + rk[:, None] * V + rv[None, :], value, mask=(rk[:, None] < K) & (rv[None, :] < V))
+
+
+@triton.jit
+def rows_before(x, end: tl.constexpr, R: tl.constexpr):
+    """Σ over rows < end of x [R, W]: the cumulative log decay up to row end − 1 (0 for end = 0)."""
+    return tl.sum(tl.where(tl.arange(0, R)[:, None] < end, x, 0.0), 0)
+
+
+@triton.jit
+def diag_scores(q, k, c, SUB: tl.constexpr):
+    """S[t, s] = Σ_j q[t, j] k[s, j] exp(c[t, j] − c[s, j]) for s ≤ t, 0 above: exact per-channel
+    decays inside one sub-chunk. q, k, c: [SUB, BK] (c the in-sub-chunk cumulative log gate)."""
+    idx = tl.arange(0, SUB)
+    k = k.to(tl.float32)
+    scores = tl.zeros([SUB, SUB], dtype=tl.float32)
+    for s in range(SUB):
+        row = idx[:, None] == s
+        k_s = tl.sum(tl.where(row, k, 0.0), 0)
+        c_s = tl.sum(tl.where(row, c, 0.0), 0)
+        decay = tl.exp(tl.where(idx[:, None] >= s, c - c_s[None, :], float("-inf")))  # masked before exp
+        col = tl.sum(q * decay * k_s[None, :], 1)
+        scores += tl.where(idx[None, :] == s, col[:, None], 0.0)
+    return scores
+
+
+@triton.jit
+def state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, t0, T, k0, v0, state,
+               K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    """The state leaving the chunk at rows t0 … t0+C−1: diag(exp(b_L)) h + (k ⊙ exp(b_L − b))ᵀ v."""
+    k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+    v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+    if GATE == GATE_CHANNEL:
+        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
+        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
+        k_n = (k_n * tl.exp(b_last[None, :] - b)).to(k_n.dtype)
+        state *= tl.exp(b_last)[:, None]
+    elif GATE == GATE_SCALAR:
+        g = load_gate_rows(log_g, stride_g_t, t0, T, C)
+        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
+        k_n = (k_n * tl.exp(b_last - b)[:, None]).to(k_n.dtype)
+        state *= tl.exp(b_last)
+    return state + tl.dot(tl.trans(k_n), v_n, input_precision="ieee")
+
+
+@triton.jit
+def chunk_states_kernel(
+    k, v, log_g, h0, h, T, N, H,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_v_b, stride_v_h, stride_v_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, HAS_H0: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Pass 1: h[bh, n] = state entering chunk n, n = 0 … N (h[bh, N] is the final state)."""
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    k += i_b * stride_k_b + i_h * stride_k_h
+    v += i_b * stride_v_b + i_h * stride_v_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    h += i_bh.to(tl.int64) * (N + 1) * K * V
+    k0, v0 = i_k * BK, i_v * BV
+
+    if HAS_H0:
+        state = load_state(h0 + i_bh.to(tl.int64) * K * V, k0, K, v0, V, BK, BV)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    if INTERPRET:  # see ``INTERPRET_LOOP_NOTE``
+        n = 0
+        while n < N:
+            store_state(h + tl.cast(n, tl.int64) * K * V, k0, K, v0, V, state, BK, BV)
+            state = state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, n * C, T, k0, v0, state,
+                               K, V, GATE, C, BK, BV)
+            n += 1
+    else:
+        for n in range(N):
+            store_state(h + tl.cast(n, tl.int64) * K * V, k0, K, v0, V, state, BK, BV)
+            state = state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, n * C, T, k0, v0, state,
+                               K, V, GATE, C, BK, BV)
+    store_state(h + tl.cast(N, tl.int64) * K * V, k0, K, v0, V, state, BK, BV)
+
+
+@triton.jit
+def chunk_output_kernel(
+    q, k, v, log_g, h, o, scale, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_v_b, stride_v_h, stride_v_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    stride_o_b, stride_o_h, stride_o_t,
+    K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Pass 2: o = scale · [(q ⊙ exp(b)) h_n + intra-chunk pairs], one chunk and V block per program."""
+    i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    v += i_b * stride_v_b + i_h * stride_v_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    o += i_b * stride_o_b + i_h * stride_o_h
+    h += (i_bh.to(tl.int64) * (N + 1) + i_n) * K * V  # h_n
+    t0, v0 = i_n * C, i_v * BV
+    dt = q.dtype.element_ty
+    rows = tl.arange(0, C)
+
+    if GATE == GATE_CHANNEL:
+        for i in tl.static_range(C // SUB):
+            ts = t0 + i * SUB  # first row of query sub-chunk i
+            scores = tl.zeros([SUB, C], dtype=tl.float32)  # against keys of sub-chunks < i
+            scores_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
+            acc = tl.zeros([SUB, BV], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK)
+                c = tl.cumsum(load_tile(log_g, stride_g_t, ts, T, k0, K, SUB, BK).to(tl.float32), 0)
+                g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
+                r = rows_before(g, i * SUB, C)  # b at the end of sub-chunk i − 1; b = r + c in sub-chunk i
+                h_n = load_state(h, k0, K, v0, V, BK, BV)
+                acc += tl.dot((q_i * tl.exp(c + r[None, :])).to(dt), h_n.to(dt), input_precision="ieee")
+                if i > 0:
+                    k_all = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+                    to_r = tl.where(rows[:, None] < i * SUB, r[None, :] - tl.cumsum(g, 0), float("-inf"))
+                    k_to_r = (k_all * tl.exp(to_r)).to(dt)
+                    scores += tl.dot((q_i * tl.exp(c)).to(dt), tl.trans(k_to_r), input_precision="ieee")
+                k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK)
+                scores_diag += diag_scores(q_i, k_i, c, SUB)
+            v_i = load_tile(v, stride_v_t, ts, T, v0, V, SUB, BV)
+            acc += tl.dot(scores_diag.to(dt), v_i, input_precision="ieee")
+            if i > 0:
+                v_all = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+                acc += tl.dot(scores.to(dt), v_all, input_precision="ieee")
+            store_tile(o, stride_o_t, ts, T, v0, V, acc * scale, SUB, BV)
+    else:
+        scores = tl.zeros([C, C], dtype=tl.float32)
+        acc = tl.zeros([C, BV], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
+            k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+            h_n = load_state(h, k0, K, v0, V, BK, BV)
+            scores += tl.dot(q_n, tl.trans(k_n), input_precision="ieee")
+            acc += tl.dot(q_n, h_n.to(dt), input_precision="ieee")
+        causal = rows[:, None] >= rows[None, :]
+        if GATE == GATE_SCALAR:
+            b = tl.cumsum(load_gate_rows(log_g, stride_g_t, t0, T, C), 0)
+            acc *= tl.exp(b)[:, None]
+            scores *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        else:
+            scores = tl.where(causal, scores, 0.0)
+        v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+        acc += tl.dot(scores.to(dt), v_n, input_precision="ieee")
+        store_tile(o, stride_o_t, t0, T, v0, V, acc * scale, C, BV)

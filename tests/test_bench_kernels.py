@@ -1,0 +1,236 @@
+"""The kernel benchmark: every implementation is checked before it is timed, and the records say so.
+
+The suite runs at its quick sizes on the CPU (our Triton kernels through the interpreter, which
+conftest.py selects); a kernel that is not written yet is skipped with a message naming it.
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmscale.bench import KERNEL_OPS
+from lmscale.bench.kernels import (
+    GATES,
+    TOLERANCES,
+    Impl,
+    Unavailable,
+    _torch_chunk,
+    crossover_context,
+    default_impls,
+    judge,
+    relative_errors,
+    run_suite,
+)
+from lmscale.bench.timing import Budget, capture_graphs, l2_cache_bytes, rotation_sets, time_calls
+from lmscale.cli import main
+from lmscale.results import RecordError, read_records, write_records
+
+OUR_KERNELS = {  # op -> the module its "ours" implementation imports
+    "gla": "lmscale.ops.triton.chunk", "simple_gla": "lmscale.ops.triton.chunk",
+    "linear_attention": "lmscale.ops.triton.chunk", "lru_scan": "lmscale.ops.triton.scan_complex",
+    "selective_scan": "lmscale.ops.triton.selective_scan", "step": "lmscale.ops.triton.step",
+}
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    records, path = run_suite(device="cpu", quick=True, out=out, log=lambda line: None)
+    return records, path
+
+
+def _ok(records, **config):
+    return [r for r in records if r["status"] == "ok" and all(r["config"].get(k) == v for k, v in config.items())]
+
+
+def test_quick_suite_writes_one_file_of_complete_records(quick_run):
+    records, path = quick_run
+    assert path.suffix == ".jsonl" and list(path.parent.iterdir()) == [path]
+    assert read_records(path) == records
+    assert {r["config"]["op"] for r in records} == set(KERNEL_OPS)
+    for r in records:
+        assert r["experiment"] == "kernels" and r["kind"] == "kernel-bench"
+        assert r["status"] in ("ok", "wrong", "refused", "skipped")
+        assert {"op", "impl", "mode", "B", "T", "H", "D", "dtype", "graphed", "seed"} <= set(r["config"])
+        assert r["seed"] == r["config"]["seed"] and r["provenance"]["hardware"]["device"] == "cpu"
+        if r["status"] != "ok":
+            assert r["error"] and "ms_median" not in r["metrics"]
+    assert len({r["run_id"] for r in records}) == len(records)
+
+
+def test_timed_records_passed_their_gate_and_carry_sane_numbers(quick_run):
+    records, _ = quick_run
+    timed = _ok(records)
+    assert timed
+    for r in timed:
+        m = r["metrics"]
+        assert 0 < m["ms_p10"] <= m["ms_median"] <= m["ms_p90"] and m["repeats"] == 2
+        assert 0 <= m["max_rel_err"] <= m["tolerance"] == TOLERANCES[getattr(torch, r["config"]["dtype"])]
+        if r["config"]["op"] in GATES:
+            assert m["tflops"] == pytest.approx(m["flops"] / (m["ms_median"] / 1e3) / 1e12)
+            assert m["gbps"] > 0
+    for op in GATES:  # the PyTorch form and SDPA always exist: both modes, every gradient checked
+        for impl in ("torch", "sdpa"):
+            fwdbwd = _ok(records, op=op, impl=impl, mode="fwdbwd")
+            assert fwdbwd and _ok(records, op=op, impl=impl, mode="fwd")
+            expected = {"o", "q", "k", "v"} | ({"g"} if GATES[op] != "none" and impl == "torch" else set())
+            assert {k.removeprefix("rel_err_").removeprefix("d") for k in fwdbwd[0]["metrics"]
+                    if k.startswith("rel_err_")} == expected
+    assert _ok(records, op="step", impl="sdpa", context=256) and _ok(records, op="model_step", graphed=False)
+    assert _ok(records, op="ceiling", mode="matmul") and _ok(records, op="ceiling", mode="copy")
+
+
+def test_graphs_and_missing_peers_are_skipped_on_the_cpu_with_a_reason(quick_run):
+    records, _ = quick_run
+    graphed = [r for r in records if r["config"]["graphed"]]
+    assert graphed and all(r["status"] == "skipped" and "CUDA" in r["error"] for r in graphed)
+    if not _present("fla"):
+        fla = [r for r in records if r["config"]["impl"] == "fla" and not r["config"]["graphed"]]
+        assert fla and all(r["status"] == "skipped" and "fla" in r["error"] for r in fla)
+
+
+@pytest.mark.parametrize("op", sorted(OUR_KERNELS))
+def test_our_kernel_passes_its_gate_where_it_exists(quick_run, op):
+    records, _ = quick_run
+    ours = [r for r in records if r["config"]["op"] == op and r["config"]["impl"] == "ours"
+            and not r["config"]["graphed"]]
+    assert ours
+    if not _present(OUR_KERNELS[op]):
+        assert all(r["status"] == "skipped" for r in ours)
+        pytest.skip(f"{OUR_KERNELS[op]} is not written yet: its records say skipped")
+    problems = [(r["config"]["mode"], r["config"]["T"], r["status"], r.get("error")) for r in ours if r["status"] != "ok"]
+    assert not problems
+
+
+def _scaled(factor):
+    return lambda: (lambda q, k, v, g: _torch_chunk(q, k, v, g) * factor)
+
+
+def _wrong_gradient():
+    """The right forward, gradients 1.5× too large: only the forward+backward gate can see it."""
+    def run(q, k, v, g):
+        o = _torch_chunk(q, k, v, g)
+        return o + 0.5 * (o - o.detach())
+    return run
+
+
+def _raises(error):
+    def build():
+        def run(q, k, v, g):
+            raise error
+        return run
+    return build
+
+
+def test_a_wrong_kernel_is_refused_and_never_timed(tmp_path):
+    impls = {"gla": {
+        "right": Impl(lambda: _torch_chunk, "recurrence"),
+        "wrong": Impl(_scaled(1.1), "recurrence"),
+        "nan": Impl(_scaled(math.nan), "recurrence"),
+        "bad_grad": Impl(_wrong_gradient, "recurrence"),
+        "refuses": Impl(_raises(RuntimeError("produces incorrect results (see #640)")), "recurrence"),
+        "absent": Impl(_raises(Unavailable("not written yet")), "recurrence"),
+    }}
+    records, _ = run_suite(device="cpu", quick=True, ops=["gla"], out=tmp_path, impls=impls, log=lambda line: None)
+    status = {(r["config"]["impl"], r["config"]["mode"]): r for r in records}
+    assert len(status) == 12
+    for mode in ("fwd", "fwdbwd"):
+        assert status["right", mode]["status"] == "ok" and "ms_median" in status["right", mode]["metrics"]
+        wrong = status["wrong", mode]
+        assert wrong["status"] == "wrong" and "ms_median" not in wrong["metrics"]
+        assert wrong["metrics"]["max_rel_err"] == pytest.approx(0.1, rel=1e-3) and "tolerance" in wrong["error"]
+        assert status["nan", mode]["status"] == "wrong" and "NaN" in status["nan", mode]["error"]
+        assert status["refuses", mode]["status"] == "refused" and "#640" in status["refuses", mode]["error"]
+        assert status["absent", mode]["status"] == "skipped"
+    assert status["bad_grad", "fwd"]["status"] == "ok"
+    bad = status["bad_grad", "fwdbwd"]
+    assert bad["status"] == "wrong" and bad["metrics"]["rel_err_o"] < 1e-6
+    assert bad["metrics"]["rel_err_dq"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_relative_errors_and_judge():
+    ref = torch.randn(100, dtype=torch.float64)
+    errors = relative_errors({"o": ref.float() * 1.01, "d": None}, {"o": ref, "d": ref, "skip": None})
+    assert errors["o"] == pytest.approx(0.01, rel=1e-4) and math.isnan(errors["d"]) and "skip" not in errors
+    assert judge({"o": 0.01}, 2e-2) is None
+    assert "o" in judge({"o": 0.03, "p": 0.0}, 2e-2) and "NaN" in judge({"o": math.nan}, 2e-2)
+
+
+def test_crossover_context_interpolates_on_log_axes():
+    contexts, times = [4096, 1024, 2048], [4.0, 1.0, 2.0]
+    assert crossover_context(contexts, times, 2.0).context == pytest.approx(2048)
+    assert crossover_context(contexts, times, 2**0.5).context == pytest.approx(2**10.5)
+    assert str(crossover_context(contexts, times, 3.0)) == "3K"  # 2048 · 2^(log 1.5 / log 2) = 3072
+    faster = crossover_context(contexts, times, 0.5)  # beats attention at every measured context
+    assert faster.context is None and faster.high == 1024 and str(faster) == "< 1K"
+    slower = crossover_context(contexts, times, 8.0)
+    assert slower.context is None and slower.low == 4096 and str(slower) == "> 4K"
+
+
+def test_timing_quantiles_budget_and_rotation():
+    device = torch.device("cpu")
+    calls = []
+    timing = time_calls([lambda: calls.append(0), lambda: calls.append(1)], device,
+                        Budget(warmup_ms=0, rep_ms=0, min_warmup=3, min_reps=5, max_reps=5))
+    assert timing.repeats == 5 and calls == [0, 1, 0] + [0, 1, 0, 1, 0]  # warm-up, then timed, rotating
+    assert 0 <= timing.ms_p10 <= timing.ms_median <= timing.ms_p90
+    assert l2_cache_bytes(device) == 50 * 10**6
+    assert rotation_sets(10**9, device) == 1 and rotation_sets(10**6, device) == 101
+    assert rotation_sets(10**6, device, max_sets=4) == 4
+    with pytest.raises(RuntimeError, match="CUDA"):
+        capture_graphs([lambda: None], device)
+
+
+def test_write_records_is_one_validated_file(tmp_path):
+    records = run_suite(device="cpu", quick=True, ops=["ceiling"], out=tmp_path, log=lambda line: None)[0]
+    path = write_records(records, tmp_path / "sub" / "all.jsonl")
+    assert read_records(path) == records and not list(path.parent.glob(".*tmp"))
+    with pytest.raises(RecordError, match="jsonl"):
+        write_records(records, tmp_path / "all.json")
+    with pytest.raises(RecordError, match="lacks"):
+        write_records([{"experiment": "kernels"}], tmp_path / "bad.jsonl")
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_cli_runs_checks_only_and_rejects_unknown_ops(tmp_path, capsys):
+    assert main(["bench", "kernels", "--device", "cpu", "--quick", "--ops", "ceiling,gla", "--check-only",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ceiling matmul" in out and "gla fwdbwd" in out and "written:" in out
+    (path,) = tmp_path.glob("*-cpu-quick-check.jsonl")
+    records = read_records(path)
+    assert records and all(r["kind"] == "kernel-check" and "ms_median" not in r["metrics"] for r in records)
+    assert {r["status"] for r in records if r["config"]["impl"] in ("torch", "sdpa")} == {"ok"}
+    assert main(["bench", "kernels", "--device", "cpu", "--ops", "glaa"]) == 2
+    assert "glaa" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--device", "cpu", "--ops", "ceiling"]) == 2  # full sizes: hours
+    assert "--quick" in capsys.readouterr().err
+
+
+def test_past_the_time_limit_nothing_more_is_measured(tmp_path):
+    records, _ = run_suite(device="cpu", quick=True, ops=["ceiling", "model_step"], out=tmp_path, time_limit_s=0,
+                           log=lambda line: None)
+    assert len(records) == 4 and all(r["status"] == "skipped" and "time limit" in r["error"] for r in records)
+
+
+def test_default_table_covers_every_timed_op():
+    assert set(default_impls()) | {"ceiling", "model_step"} == set(KERNEL_OPS)
+
+
+def test_the_cli_imports_nothing_the_gpu_machine_lacks():
+    code = ("import sys, lmscale.cli; "
+            "print([m for m in ('datasets', 'altair', 'papermill', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().replace("'", '"')) == []
