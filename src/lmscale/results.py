@@ -83,13 +83,13 @@ def _cpu_name() -> str:
 
 def provenance(device: str | None = None, command: str | None = None) -> dict[str, Any]:
     """What made a number: code version, libraries, hardware, command line and date."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    dirty = bool(status) if status is not None else None
-    if commit is None and os.environ.get("LMSCALE_GIT_COMMIT"):
-        # a copy of the working tree without .git (the GPU machine): the sender states the commit
-        commit = os.environ["LMSCALE_GIT_COMMIT"]
-        dirty = os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
+    if os.environ.get("LMSCALE_GIT_COMMIT"):
+        # a copy of the working tree whose .git is absent or stale (the GPU machine): the sender states it
+        commit, dirty = os.environ["LMSCALE_GIT_COMMIT"], os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
+    else:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = bool(status) if status is not None else None
     return {
         "git_commit": commit,
         "git_dirty": dirty,

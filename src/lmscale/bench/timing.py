@@ -141,9 +141,14 @@ class _HostClock:
         return times
 
 
-def capture_graphs(calls: Sequence[Callable[[], Any]], device: torch.device, warmup: int = 3) -> list[Callable[[], Any]]:
+def capture_graphs(calls: Sequence[Callable[[], Any]], device: torch.device, warmup: int = 3,
+                   steps: int = 1) -> list[Callable[[], Any]]:
     """One CUDA graph per call (per input set): each returned function replays its graph and returns the
     outputs the call produced during capture, which every replay overwrites in place.
+
+    ``steps`` > 1: instead, ONE graph of ``steps`` calls cycling through the input sets, as a model's
+    layers follow one another in a decoding graph, each with its own weights and state; a replay's time
+    divided by ``steps`` is then the time of one call without the graph's launch.
 
     Warm-up runs on a side stream first, as capture requires: it compiles and autotunes kernels and
     lets the caching allocator settle, none of which may happen inside a capture. Graphs bake in their
@@ -160,10 +165,11 @@ def capture_graphs(calls: Sequence[Callable[[], Any]], device: torch.device, war
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     replays = []
-    for call in calls:
+    for sequence in ([calls[i % len(calls)] for i in range(steps)],) if steps > 1 else ([c] for c in calls):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = call()
+            for call in sequence:
+                outputs = call()
         replays.append(_replayer(graph, outputs))
     torch.cuda.synchronize(device)
     return replays
