@@ -758,7 +758,7 @@ class _Run:
             if self.out_of_time():
                 raise Unavailable(f"the run's time limit of {self.time_limit_s:.0f} s was spent")
             graphed_step = load("lmscale.decode", "GraphedStep")
-            model, reference_model = self._models(seed)
+            model, check_models = self._models(seed)
         except Unavailable as e:
             for config in configs:
                 self.skip(config, str(e))
@@ -777,46 +777,53 @@ class _Run:
                 if config["graphed"] and self.device.type != "cuda":
                     self.skip(config, "CUDA graphs need a CUDA device")
                     continue
-                prepare = partial(self._prepare_model_step, model, reference_model, graphed_step, config["graphed"], seed)
+                prepare = partial(self._prepare_model_step, model, check_models, graphed_step, config["graphed"], seed)
                 self.measure(config, prepare, counts)
-        del model, reference_model
+        del model, check_models
         _free(self.device)
 
     def _models(self, seed: int):
-        """The preset's GLA model in the suite dtype (its mixers pick our kernels, ``impl="auto"``), and the
-        reference: the same weights in the same dtype, its mixers on the PyTorch path (``impl="torch"``).
-        The same dtype, because the check is of the kernels and the graph, not of bf16 itself: a float32
-        reference differs by ≈25 % in the logits of a random 24-layer 1.3B model (H100, 2026-11-27) from
-        rounding the residual stream alone — the PyTorch path in bf16 is as far off."""
+        """The preset's GLA model in the suite dtype, timed (its mixers pick our kernels, ``impl="auto"``),
+        and for the check two float32 copies of its weights: one on our kernels, one on the PyTorch path
+        (``impl="torch"``). The check runs in float32 because it is of the kernels and the graph, not of
+        bf16: through 24 layers of a random 1.3B model, bf16 rounding alone moves the logits by 9–25 %
+        (H100, 2026-11-27: bf16 ours vs bf16 PyTorch 8.6 %, vs a float32 reference 25 %), so no bf16
+        tolerance could tell a wrong kernel from rounding; in float32 the two paths agree to ≈1e-5."""
         from lmscale.model import LanguageModel
         from lmscale.presets import preset
 
         torch.manual_seed(seed)
         with torch.device(self.device):
             model = LanguageModel(preset(self.suite.model_preset, "gla")).to(self.suite.dtype).eval()
-            reference = LanguageModel(preset(self.suite.model_preset, "gla", mixer_options={"impl": "torch"}))
+            ours32 = LanguageModel(preset(self.suite.model_preset, "gla")).eval()
+            reference = LanguageModel(preset(self.suite.model_preset, "gla", mixer_options={"impl": "torch"})).eval()
+        ours32.load_state_dict(model.state_dict())
         reference.load_state_dict(model.state_dict())
-        return model, reference.to(self.suite.dtype).eval()
+        return model, (ours32, reference)
 
-    def _prepare_model_step(self, model, reference_model, graphed_step, graphed: bool, seed: int, steps: int = 4):
+    def _prepare_model_step(self, model, check_models, graphed_step, graphed: bool, seed: int, steps: int = 4):
         gen = self.generator(seed)
         tokens = torch.randint(model.cfg.vocab_size, (steps, 1), generator=gen, device=self.device)
-        ref_state = reference_model.init_state(1, self.device, self.suite.dtype)
-        ref = []
-        for token in tokens:
-            logits, ref_state = reference_model.step(token, ref_state)
-            ref.append(logits)
-        if graphed:
-            call = graphed_step(model, 1, self.device, self.suite.dtype, graph=True)
-        else:
-            state = [model.init_state(1, self.device, self.suite.dtype)]
+        ours32, reference = check_models
+
+        def make_call(net, dtype, graph: bool):
+            if graph:
+                return graphed_step(net, 1, self.device, dtype, graph=True)
+            state = [net.init_state(1, self.device, dtype)]
 
             def call(idx: Tensor) -> Tensor:
-                logits, state[0] = model.step(idx, state[0])
+                logits, state[0] = net.step(idx, state[0])
                 return logits
 
-        out = torch.stack([call(token).clone() for token in tokens])
-        errors = relative_errors({"logits": out}, {"logits": torch.stack(ref)})
+            return call
+
+        check = make_call(ours32, torch.float32, graphed)  # the reference runs eagerly in either mode
+        ref_call = make_call(reference, torch.float32, False)
+        out = torch.stack([check(token).clone() for token in tokens])
+        ref = torch.stack([ref_call(token).clone() for token in tokens])
+        errors = relative_errors({"logits": out}, {"logits": ref})
+        del check
+        call = make_call(model, self.suite.dtype, graphed)
         return errors, lambda: [partial(call, tokens[0])]
 
 
