@@ -6,6 +6,10 @@
 forward   states (``chunk_fwd.chunk_states_kernel``) → outputs (``chunk_output_kernel``);
 backward  states again → state gradients (``chunk_bwd.chunk_state_grads_kernel``) → dv
           (``chunk_dv_kernel``) → dq, dk, d log g (``chunk_dqkg_kernel``).
+Per-channel gates add the intra-chunk score matrix A (``chunk_scores_kernel``, before the outputs and
+again before dv) and its gradient's intra-chunk dq, dk parts (``chunk_dscores_kernel`` →
+``chunk_intra_grads_kernel``, before dq, dk); each is float32 [B·H, N, C, C] or [B·H, N·C, D_k], alive
+for one pass.
 
 Only q, k, v, log g and the initial state are kept for the backward: the chunk states (N+1 float32
 [D_k, D_v] per head, ≈4× the size of q at D = 128, C = 64, bf16) are recomputed, one pass over k and v.
@@ -25,12 +29,20 @@ import triton
 from torch import Tensor
 
 from lmscale.ops.triton import interpreting
-from lmscale.ops.triton.chunk_bwd import chunk_dqkg_kernel, chunk_dv_kernel, chunk_state_grads_kernel
+from lmscale.ops.triton.chunk_bwd import (
+    chunk_dqkg_kernel,
+    chunk_dscores_kernel,
+    chunk_dv_kernel,
+    chunk_intra_grads_kernel,
+    chunk_state_grads_kernel,
+)
 from lmscale.ops.triton.chunk_fwd import (
     GATE_CHANNEL,
     GATE_NONE,
     GATE_SCALAR,
+    SUB,
     chunk_output_kernel,
+    chunk_scores_kernel,
     chunk_states_kernel,
 )
 
@@ -46,6 +58,9 @@ SCORES_BLOCK_V = 128
 # spills (4 warps spill in the per-channel kernels; 3 stages double the shared memory of the output and
 # dv kernels to 128 KiB, one program per SM). Not yet timed against other settings.
 LAUNCH = {"num_warps": 8, "num_stages": 2}
+# The per-channel sub-chunk kernels (16-row tiles over all of D_k) reduce and broadcast along rows once
+# per row of the diagonal block: few warps keep that inside a warp (4 warps: 5× slower than fla).
+SUB_LAUNCH = {"num_warps": 2, "num_stages": 2}
 
 
 def chunk_gated_recurrence(
@@ -82,7 +97,8 @@ class ChunkGatedRecurrence(torch.autograd.Function):
     def forward(ctx, q, k, v, log_g, scale, initial_state, chunk_size):
         gate = _gate_mode(log_g)
         states = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
-        o = _chunk_output(q, k, v, log_g, states, scale, gate, chunk_size)
+        scores = _chunk_scores(q, k, log_g, gate, chunk_size)
+        o = _chunk_output(q, k, v, log_g, scores, states, scale, gate, chunk_size)
         ctx.save_for_backward(q, k, v, log_g, initial_state)
         ctx.scale, ctx.chunk_size, ctx.gate = scale, chunk_size, gate
         ctx.set_materialize_grads(False)
@@ -100,8 +116,9 @@ class ChunkGatedRecurrence(torch.autograd.Function):
         with _on_device_of(q):
             states = _chunk_states(k, v, log_g, initial_state, gate, C)
             d_states, d_initial = _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C)
-            dv = _chunk_dv(q, k, v, log_g, do, d_states, scale, gate, C)
-            dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, scale, gate, C, need_dg)
+            dv = _chunk_dv(q, k, v, log_g, _chunk_scores(q, k, log_g, gate, C), do, d_states, scale, gate, C)
+            intra = _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C)
+            dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg)
         d_initial_state = None
         if initial_state is not None and ctx.needs_input_grad[5]:
             d_initial_state = d_initial.view_as(initial_state).to(initial_state.dtype)
@@ -123,14 +140,28 @@ def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
     return states
 
 
-def _chunk_output(q, k, v, log_g, states, scale, gate, C) -> Tensor:
+def _chunk_scores(q, k, log_g, gate, C) -> Tensor | None:
+    """Per-channel gates: the intra-chunk scores A, float32 [B·H, N, C, C] (None for other gates)."""
+    if gate != GATE_CHANNEL.value:
+        return None
+    B, H, T, K = q.shape
+    N = triton.cdiv(T, C)
+    scores = q.new_empty(B * H, N, C, C, dtype=torch.float32)
+    chunk_scores_kernel[(N, B * H, C // SUB.value)](
+        q, k, log_g, scores, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
+        K=K, C=C, BK=_block(K, MAX_HEAD_DIM), **SUB_LAUNCH,
+    )
+    return scores
+
+
+def _chunk_output(q, k, v, log_g, scores, states, scale, gate, C) -> Tensor:
     """Pass 2: o [B, H, T, D_v] in q's dtype and v's memory layout."""
     B, H, T, K = q.shape
     V, N = v.shape[-1], states.shape[1] - 1
     o = torch.empty_like(v, dtype=q.dtype)
     BK, BV = _block(K), _block(V, SCORES_BLOCK_V)
     chunk_output_kernel[(N, B * H, triton.cdiv(V, BV))](
-        q, k, v, _or(log_g, q), states, o, scale, T, N, H,
+        q, k, v, _or(log_g, q), _or(scores, states), states, o, scale, T, N, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(log_g), *_strides(o),
         K=K, V=V, GATE=gate, C=C, BK=BK, BV=BV, **LAUNCH,
     )
@@ -156,21 +187,40 @@ def _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C) -> tuple[Ten
     return d_states, d_initial
 
 
-def _chunk_dv(q, k, v, log_g, do, d_states, scale, gate, C) -> Tensor:
+def _chunk_dv(q, k, v, log_g, scores, do, d_states, scale, gate, C) -> Tensor:
     """Pass 4: dv in v's dtype and memory layout."""
     B, H, T, K = q.shape
     V, N = v.shape[-1], d_states.shape[1]
     dv = torch.empty_like(v)
     BK, BV = _block(K), _block(V, SCORES_BLOCK_V)
     chunk_dv_kernel[(N, B * H, triton.cdiv(V, BV))](
-        q, k, _or(log_g, q), do, d_states, dv, scale, T, N, H,
+        q, k, _or(log_g, q), _or(scores, d_states), do, d_states, dv, scale, T, N, H,
         *_strides(q), *_strides(k), *_strides(log_g), *_strides(do), *_strides(dv),
         K=K, V=V, GATE=gate, C=C, BK=BK, BV=BV, **LAUNCH,
     )
     return dv
 
 
-def _chunk_dqkg(q, k, v, log_g, do, states, d_states, scale, gate, C, need_dg):
+def _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C) -> tuple[Tensor, Tensor] | None:
+    """Per-channel gates, pass 5a–b: the intra-chunk parts of dq and dk, float32 [B·H, N·C, D_k] each
+    (None for other gates)."""
+    if gate != GATE_CHANNEL.value:
+        return None
+    B, H, T, K = q.shape
+    V, N = v.shape[-1], triton.cdiv(T, C)
+    d_scores = q.new_empty(B * H, N, C, C, dtype=torch.float32)
+    chunk_dscores_kernel[(N, B * H)](
+        v, do, d_scores, scale, T, N, H, *_strides(v), *_strides(do), V=V, C=C, BV=_block(V), **LAUNCH,
+    )
+    dq, dk = (q.new_empty(B * H, N * C, K, dtype=torch.float32) for _ in range(2))
+    chunk_intra_grads_kernel[(N, B * H, C // SUB.value)](
+        q, k, log_g, d_scores, dq, dk, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
+        K=K, C=C, BK=_block(K, MAX_HEAD_DIM), **SUB_LAUNCH,
+    )
+    return dq, dk
+
+
+def _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg):
     """Pass 5: dq, dk (layouts of q, k) and d log g (None unless ``need_dg``)."""
     B, H, T, K = q.shape
     V, N = v.shape[-1], d_states.shape[1]
@@ -182,8 +232,9 @@ def _chunk_dqkg(q, k, v, log_g, do, states, d_states, scale, gate, C, need_dg):
         dg = torch.empty_like(log_g)
     elif need_dg:  # per head: one partial sum per K block, added up below
         dg = q.new_empty(triton.cdiv(K, BK), B * H, T, dtype=torch.float32)
+    dqi, dki = (states, states) if intra is None else intra
     chunk_dqkg_kernel[(N, B * H, triton.cdiv(K, BK))](
-        q, k, v, _or(log_g, q), do, states, d_states, dq, dk, _or(dg, dq), scale, T, N, H,
+        q, k, v, _or(log_g, q), do, states, d_states, dqi, dki, dq, dk, _or(dg, dq), scale, T, N, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(log_g), *_strides(do), *_strides(dq),
         *_strides(dk), *_strides(dg if channel else None),
         K=K, V=V, GATE=gate, NEED_DG=need_dg, C=C, BK=BK, BV=BV, **LAUNCH,

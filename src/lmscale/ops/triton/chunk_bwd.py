@@ -21,8 +21,11 @@ per layer alive between forward and backward):
    loops over V blocks. Per chunk 4·C·D_k·D_v + 2·C²·D_v + 4·C²·D_k FLOPs (per-channel gates: 4·C²·D_v,
    dP is formed for query and key sub-chunks separately); reads q, k, log g, v, do, h_n, dS_n (and
    h_{n+1} for the gate gradient), writes dq, dk, d log g.
-Per-channel gates use the sub-chunks of the forward; the reference for a key sub-chunk j meeting later
-queries is b at the last row of sub-chunk j. Every exponent stays ≤ 0.
+Per-channel gates split pass 5 like the forward's scores: ``chunk_dscores_kernel`` writes dA = dP masked
+to t ≥ s (float32 [B·H, N, C, C]), ``chunk_intra_grads_kernel`` turns it into the intra-chunk parts of
+dq and dk (per sub-chunk of 16 rows over all of D_k, references at the sub-chunk's start and end, every
+exponent ≤ 0), and ``chunk_dqkg_kernel`` adds the state terms and forms d log g on whole-chunk tiles;
+pass 4 reads A from ``chunk_fwd.chunk_scores_kernel``, rerun in the backward.
 """
 
 from __future__ import annotations
@@ -34,33 +37,13 @@ from lmscale.ops.triton.chunk_fwd import (
     GATE_CHANNEL,
     GATE_SCALAR,
     SUB,
-    diag_scores,
     load_gate_rows,
+    load_row,
     load_state,
     load_tile,
-    rows_before,
     store_state,
     store_tile,
 )
-
-
-@triton.jit
-def diag_grads(q, k, c, dp, SUB: tl.constexpr):
-    """Inside one sub-chunk: dq[t] = Σ_{s≤t} dp[t, s] exp(c_t − c_s) ⊙ k_s and
-    dk[s] = Σ_{t≥s} dp[t, s] exp(c_t − c_s) ⊙ q_t (without scale). q, k, c: [SUB, BK]; dp: [SUB, SUB]."""
-    idx = tl.arange(0, SUB)
-    k = k.to(tl.float32)
-    dq = tl.zeros(c.shape, dtype=tl.float32)
-    dk = tl.zeros(c.shape, dtype=tl.float32)
-    for s in range(SUB):
-        row = idx[:, None] == s
-        k_s = tl.sum(tl.where(row, k, 0.0), 0)
-        c_s = tl.sum(tl.where(row, c, 0.0), 0)
-        decay = tl.exp(tl.where(idx[:, None] >= s, c - c_s[None, :], float("-inf")))  # [t, j], t ≥ s
-        w = tl.sum(tl.where(idx[None, :] == s, dp, 0.0), 1)[:, None] * decay  # dp[t, s] exp(c_t − c_s)
-        dq += w * k_s[None, :]
-        dk += tl.where(row, tl.sum(w * q, 0)[None, :], 0.0)
-    return dq, dk
 
 
 @triton.jit
@@ -122,7 +105,7 @@ def chunk_state_grads_kernel(
 
 @triton.jit
 def chunk_dv_kernel(
-    q, k, log_g, do, dh, dv, scale, T, N, H,
+    q, k, log_g, a, do, dh, dv, scale, T, N, H,
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
@@ -130,7 +113,8 @@ def chunk_dv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_t,
     K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Pass 4: dv = (k ⊙ exp(b_L − b)) dS_n + scale · Aᵀ do (A masked to t ≥ s), one chunk and V block."""
+    """Pass 4: dv = (k ⊙ exp(b_L − b)) dS_n + scale · Aᵀ do (A masked to t ≥ s), one chunk and V block.
+    Per-channel gates read A from ``chunk_scores_kernel``'s output."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
@@ -143,61 +127,129 @@ def chunk_dv_kernel(
     dt = q.dtype.element_ty
     rows = tl.arange(0, C)
 
-    if GATE == GATE_CHANNEL:
-        for j in tl.static_range(C // SUB):
-            ts = t0 + j * SUB  # first row of key sub-chunk j
-            scores_t = tl.zeros([SUB, C], dtype=tl.float32)  # [s, t]: keys of j × queries of sub-chunks > j
-            scores_t_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-            acc = tl.zeros([SUB, BV], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                k_j = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK)
-                g_j = load_tile(log_g, stride_g_t, ts, T, k0, K, SUB, BK).to(tl.float32)
-                c, total = tl.cumsum(g_j, 0), tl.sum(g_j, 0)
-                g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-                r = rows_before(g, (j + 1) * SUB, C)  # b at the end of sub-chunk j
-                k_to_r = k_j * tl.exp(total[None, :] - c)  # k_s ⊙ exp(r − b_s)
-                d_state = load_state(dh, k0, K, v0, V, BK, BV)
-                k_to_end = (k_to_r * tl.exp(tl.sum(g, 0) - r)[None, :]).to(dt)
-                acc += tl.dot(k_to_end, d_state.to(dt), input_precision="ieee")
-                if j < C // SUB - 1:
-                    q_all = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
-                    after = rows[:, None] >= (j + 1) * SUB
-                    from_r = tl.where(after, tl.cumsum(g, 0) - r[None, :], float("-inf"))  # b_t − r ≤ 0
-                    q_from_r = (q_all * tl.exp(from_r)).to(dt)
-                    scores_t += tl.dot(k_to_r.to(dt), tl.trans(q_from_r), input_precision="ieee")
-                q_j = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK)
-                scores_t_diag += tl.trans(diag_scores(q_j, k_j, c, SUB))
-            do_j = load_tile(do, stride_do_t, ts, T, v0, V, SUB, BV)
-            acc += tl.dot((scale * scores_t_diag).to(dt), do_j, input_precision="ieee")
-            if j < C // SUB - 1:
-                do_all = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
-                acc += tl.dot((scale * scores_t).to(dt), do_all, input_precision="ieee")
-            store_tile(dv, stride_dv_t, ts, T, v0, V, acc, SUB, BV)
-    else:
-        scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t]
-        acc = tl.zeros([C, BV], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
-            k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
-            d_state = load_state(dh, k0, K, v0, V, BK, BV)
-            scores_t += tl.dot(k_n, tl.trans(q_n), input_precision="ieee")
-            acc += tl.dot(k_n, d_state.to(dt), input_precision="ieee")
-        causal_t = rows[:, None] <= rows[None, :]
-        if GATE == GATE_SCALAR:
-            g = load_gate_rows(log_g, stride_g_t, t0, T, C)
-            b = tl.cumsum(g, 0)
-            acc *= tl.exp(tl.sum(g, 0) - b)[:, None]
-            scores_t *= tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
+    scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t]
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+        d_state = load_state(dh, k0, K, v0, V, BK, BV)
+        if GATE == GATE_CHANNEL:
+            g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
+            k_n = (k_n * tl.exp(tl.sum(g, 0)[None, :] - tl.cumsum(g, 0))).to(dt)
         else:
-            scores_t = tl.where(causal_t, scores_t, 0.0)
+            q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
+            scores_t += tl.dot(k_n, tl.trans(q_n), input_precision="ieee")
+        acc += tl.dot(k_n, d_state.to(dt), input_precision="ieee")
+    causal_t = rows[:, None] <= rows[None, :]
+    if GATE == GATE_CHANNEL:
+        a += (i_bh.to(tl.int64) * N + i_n) * C * C
+        scores_t = tl.load(a + rows[None, :] * C + rows[:, None], mask=causal_t, other=0.0)
+    elif GATE == GATE_SCALAR:
+        g = load_gate_rows(log_g, stride_g_t, t0, T, C)
+        b = tl.cumsum(g, 0)
+        acc *= tl.exp(tl.sum(g, 0) - b)[:, None]
+        scores_t *= tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
+    else:
+        scores_t = tl.where(causal_t, scores_t, 0.0)
+    do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
+    acc += tl.dot((scale * scores_t).to(dt), do_n, input_precision="ieee")
+    store_tile(dv, stride_dv_t, t0, T, v0, V, acc, C, BV)
+
+
+@triton.jit
+def chunk_dscores_kernel(
+    v, do, da, scale, T, N, H,
+    stride_v_b, stride_v_h, stride_v_t,
+    stride_do_b, stride_do_h, stride_do_t,
+    V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+):
+    """Per-channel gates, pass 5a: dA = scale · do vᵀ masked to t ≥ s (float32 [B·H, N, C, C]), the
+    gradient of the intra-chunk scores, read by ``chunk_intra_grads_kernel``."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    v += i_b * stride_v_b + i_h * stride_v_h
+    do += i_b * stride_do_b + i_h * stride_do_h
+    da += (i_bh.to(tl.int64) * N + i_n) * C * C
+    t0 = i_n * C
+    rows = tl.arange(0, C)
+
+    dp = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
         do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
-        acc += tl.dot((scale * scores_t).to(dt), do_n, input_precision="ieee")
-        store_tile(dv, stride_dv_t, t0, T, v0, V, acc, C, BV)
+        v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+        dp += tl.dot(do_n, tl.trans(v_n), input_precision="ieee")
+    tl.store(da + rows[:, None] * C + rows[None, :], scale * tl.where(rows[:, None] >= rows[None, :], dp, 0.0))
+
+
+@triton.jit
+def chunk_intra_grads_kernel(
+    q, k, log_g, da, dqi, dki, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i,
+    dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into
+    float32 [B·H, N·C, D_k] buffers that ``chunk_dqkg_kernel`` adds. BK covers all of D_k, every tile has
+    SUB rows. Earlier (later) sub-chunks meet sub-chunk i through b at its start (end), one [SUB, SUB]
+    block of dA at a time; the diagonal block goes one row at a time, every operand a vector load, so no
+    reductions."""
+    i_n, i_bh, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    da += (i_bh.to(tl.int64) * N + i_n) * C * C
+    t0 = i_n * C
+    ts = t0 + i * SUB  # first row of sub-chunk i
+    dqi += (i_bh.to(tl.int64) * N * C + ts) * K
+    dki += (i_bh.to(tl.int64) * N * C + ts) * K
+    dt = q.dtype.element_ty
+    sub, cols = tl.arange(0, SUB), tl.arange(0, BK)
+
+    g_i = load_tile(log_g, stride_g_t, ts, T, 0, K, SUB, BK).to(tl.float32)
+    c, total = tl.cumsum(g_i, 0), tl.sum(g_i, 0)  # b − r in sub-chunk i (r = b before it), and at its end
+    dq = tl.zeros([SUB, BK], dtype=tl.float32)
+    to_r = tl.zeros([BK], dtype=tl.float32)  # r − b at the end of sub-chunk j, ≤ 0
+    for jj in tl.static_range(C // SUB):  # keys of sub-chunks j = i−1 … 0
+        j = C // SUB - 1 - jj
+        if j < i:
+            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
+            total_j = tl.sum(g_j, 0)
+            k_j = load_tile(k, stride_k_t, t0 + j * SUB, T, 0, K, SUB, BK)
+            k_to_r = (k_j * tl.exp(to_r[None, :] + total_j[None, :] - tl.cumsum(g_j, 0))).to(dt)
+            da_ij = tl.load(da + (i * SUB + sub)[:, None] * C + j * SUB + sub[None, :])  # dA[t, s]
+            dq += tl.dot(da_ij.to(dt), k_to_r, input_precision="ieee")
+            to_r += total_j
+    dq *= tl.exp(c)
+    dk = tl.zeros([SUB, BK], dtype=tl.float32)
+    from_end = tl.zeros([BK], dtype=tl.float32)  # b at the start of sub-chunk j − b at the end of i, ≤ 0
+    for j in tl.static_range(C // SUB):  # queries of sub-chunks j = i+1 …
+        if j > i:
+            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
+            q_j = load_tile(q, stride_q_t, t0 + j * SUB, T, 0, K, SUB, BK)
+            q_from_end = (q_j * tl.exp(from_end[None, :] + tl.cumsum(g_j, 0))).to(dt)
+            da_ji = tl.load(da + (j * SUB + sub[None, :]) * C + i * SUB + sub[:, None])  # dA[t, s] as [s, t]
+            dk += tl.dot(da_ji.to(dt), q_from_end, input_precision="ieee")
+            from_end += tl.sum(g_j, 0)
+    dk *= tl.exp(total[None, :] - c)
+    c_s = tl.zeros([BK], dtype=tl.float32)
+    for s in range(SUB):  # diagonal block: row s as the key of dq's pairs and the query of dk's
+        k_s = load_row(k, stride_k_t, ts + s, T, K, BK)
+        q_s = load_row(q, stride_q_t, ts + s, T, K, BK)
+        c_s += load_row(log_g, stride_g_t, ts + s, T, K, BK)
+        da_col = tl.load(da + (i * SUB + sub) * C + i * SUB + s)  # dA[t, s]
+        da_row = tl.load(da + (i * SUB + s) * C + i * SUB + sub)  # dA[s, u]
+        dq += da_col[:, None] * tl.exp(tl.where(sub[:, None] >= s, c - c_s[None, :], float("-inf"))) * k_s[None, :]
+        dk += da_row[:, None] * tl.exp(tl.where(sub[:, None] <= s, c_s[None, :] - c, float("-inf"))) * q_s[None, :]
+    mask = cols[None, :] < K
+    tl.store(dqi + sub[:, None] * K + cols[None, :], dq, mask=mask)
+    tl.store(dki + sub[:, None] * K + cols[None, :], dk, mask=mask)
 
 
 @triton.jit
 def chunk_dqkg_kernel(
-    q, k, v, log_g, do, h, dh, dq, dk, dg, scale, T, N, H,
+    q, k, v, log_g, do, h, dh, dqi, dki, dq, dk, dg, scale, T, N, H,
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_v_b, stride_v_h, stride_v_t,
@@ -210,7 +262,8 @@ def chunk_dqkg_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Pass 5: dq, dk and d log g of one chunk and K block. Per-head gates write this K block's share of
-    d log g into dg[i_k] ([⌈D_k/BK⌉, B·H, T], contiguous); per-channel gates write d log g itself."""
+    d log g into dg[i_k] ([⌈D_k/BK⌉, B·H, T], contiguous); per-channel gates write d log g itself and add
+    the intra-chunk parts from ``chunk_intra_grads_kernel`` (dqi, dki: float32 [B·H, N·C, D_k])."""
     i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
@@ -233,76 +286,27 @@ def chunk_dqkg_kernel(
             h_next = load_state(h + K * V, k0, K, v0, V, BK, BV)
             end_term += tl.sum(h_next * load_state(dh, k0, K, v0, V, BK, BV), 1)
 
-    if GATE == GATE_CHANNEL:
-        dg += i_b * stride_dg_b + i_h * stride_dg_h
-        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
-        carry = end_term  # Σ of db over the rows after the current sub-chunk
-        for jj in tl.static_range(C // SUB):
-            i = C // SUB - 1 - jj  # sub-chunks last to first, for the reverse cumulative sum
-            ts = t0 + i * SUB
-            dp_q = tl.zeros([SUB, C], dtype=tl.float32)  # dP[t, s], t in sub-chunk i, s before it
-            dp_k = tl.zeros([SUB, C], dtype=tl.float32)  # dP[t, s] as [s, t], s in sub-chunk i, t after it
-            dp_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-            dq_state = tl.zeros([SUB, BK], dtype=tl.float32)  # do h_nᵀ
-            dk_state = tl.zeros([SUB, BK], dtype=tl.float32)  # v dS_nᵀ
-            for v0 in range(0, V, BV):
-                do_i = load_tile(do, stride_do_t, ts, T, v0, V, SUB, BV)
-                v_i = load_tile(v, stride_v_t, ts, T, v0, V, SUB, BV)
-                h_n = load_state(h, k0, K, v0, V, BK, BV).to(dt)
-                d_state = load_state(dh, k0, K, v0, V, BK, BV).to(dt)
-                dp_diag += tl.dot(do_i, tl.trans(v_i), input_precision="ieee")
-                dq_state += tl.dot(do_i, tl.trans(h_n), input_precision="ieee")
-                dk_state += tl.dot(v_i, tl.trans(d_state), input_precision="ieee")
-                if i > 0:
-                    v_all = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
-                    dp_q += tl.dot(do_i, tl.trans(v_all), input_precision="ieee")
-                if i < C // SUB - 1:
-                    do_all = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
-                    dp_k += tl.dot(v_i, tl.trans(do_all), input_precision="ieee")
-            q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK)
-            k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK)
-            g_i = load_tile(log_g, stride_g_t, ts, T, k0, K, SUB, BK).to(tl.float32)
-            c, total = tl.cumsum(g_i, 0), tl.sum(g_i, 0)
-            r = rows_before(g, i * SUB, C)  # b at the end of sub-chunk i − 1; b = r + c in sub-chunk i
-            dq_i = dq_state * tl.exp(c + r[None, :])
-            dk_i = tl.zeros([SUB, BK], dtype=tl.float32)
-            if i > 0:
-                k_all = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
-                k_to_r = k_all * tl.exp(tl.where(rows[:, None] < i * SUB, r[None, :] - b, float("-inf")))
-                dq_i += tl.exp(c) * tl.dot(dp_q.to(dt), k_to_r.to(dt), input_precision="ieee")
-            if i < C // SUB - 1:
-                q_all = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
-                r_end = r + total  # b at the end of sub-chunk i
-                from_r = tl.where(rows[:, None] >= (i + 1) * SUB, b - r_end[None, :], float("-inf"))
-                q_from_r = q_all * tl.exp(from_r)
-                dk_i += tl.exp(total[None, :] - c) * tl.dot(dp_k.to(dt), q_from_r.to(dt),
-                                                            input_precision="ieee")
-            dq_diag, dk_diag = diag_grads(q_i, k_i, c, dp_diag, SUB)
-            dq_i = scale * (dq_i + dq_diag)
-            to_end = (b_last - r - total)[None, :] + (total[None, :] - c)  # b_L − b_s ≤ 0
-            dk_i = dk_state * tl.exp(to_end) + scale * (dk_i + dk_diag)
-            store_tile(dq, stride_dq_t, ts, T, k0, K, dq_i, SUB, BK)
-            store_tile(dk, stride_dk_t, ts, T, k0, K, dk_i, SUB, BK)
-            if NEED_DG:
-                db = q_i * dq_i - k_i * dk_i
-                dg_i = tl.cumsum(db, 0, reverse=True) + carry[None, :]
-                store_tile(dg, stride_dg_t, ts, T, k0, K, dg_i, SUB, BK)
-                carry += tl.sum(db, 0)
-    else:
-        dp = tl.zeros([C, C], dtype=tl.float32)
-        dq_n = tl.zeros([C, BK], dtype=tl.float32)
-        dk_n = tl.zeros([C, BK], dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
-            v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
-            h_n = load_state(h, k0, K, v0, V, BK, BV).to(dt)
-            d_state = load_state(dh, k0, K, v0, V, BK, BV).to(dt)
+    dp = tl.zeros([C, C], dtype=tl.float32)
+    dq_n = tl.zeros([C, BK], dtype=tl.float32)
+    dk_n = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
+        v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+        h_n = load_state(h, k0, K, v0, V, BK, BV).to(dt)
+        d_state = load_state(dh, k0, K, v0, V, BK, BV).to(dt)
+        if GATE != GATE_CHANNEL:
             dp += tl.dot(do_n, tl.trans(v_n), input_precision="ieee")
-            dq_n += tl.dot(do_n, tl.trans(h_n), input_precision="ieee")
-            dk_n += tl.dot(v_n, tl.trans(d_state), input_precision="ieee")
-        q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
-        k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+        dq_n += tl.dot(do_n, tl.trans(h_n), input_precision="ieee")
+        dk_n += tl.dot(v_n, tl.trans(d_state), input_precision="ieee")
+    q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
+    k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+    if GATE == GATE_CHANNEL:
+        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
+        b = tl.cumsum(g, 0)
+        intra = (i_bh.to(tl.int64) * N + i_n) * C * K
+        dq_n = scale * tl.exp(b) * dq_n + load_tile(dqi + intra, K, 0, C, k0, K, C, BK)
+        dk_n = tl.exp(tl.sum(g, 0)[None, :] - b) * dk_n + load_tile(dki + intra, K, 0, C, k0, K, C, BK)
+    else:
         causal = rows[:, None] >= rows[None, :]
         if GATE == GATE_SCALAR:
             g = load_gate_rows(log_g, stride_g_t, t0, T, C)
@@ -314,9 +318,14 @@ def chunk_dqkg_kernel(
             dp = tl.where(causal, dp, 0.0)
         dq_n = scale * (dq_n + tl.dot(dp.to(dt), k_n, input_precision="ieee"))
         dk_n += scale * tl.dot(tl.trans(dp).to(dt), q_n, input_precision="ieee")
-        store_tile(dq, stride_dq_t, t0, T, k0, K, dq_n, C, BK)
-        store_tile(dk, stride_dk_t, t0, T, k0, K, dk_n, C, BK)
-        if GATE == GATE_SCALAR and NEED_DG:
+    store_tile(dq, stride_dq_t, t0, T, k0, K, dq_n, C, BK)
+    store_tile(dk, stride_dk_t, t0, T, k0, K, dk_n, C, BK)
+    if NEED_DG:
+        if GATE == GATE_CHANNEL:
+            db = q_n * dq_n - k_n * dk_n
+            dg += i_b * stride_dg_b + i_h * stride_dg_h
+            store_tile(dg, stride_dg_t, t0, T, k0, K, tl.cumsum(db, 0, reverse=True) + end_term[None, :], C, BK)
+        elif GATE == GATE_SCALAR:
             db = tl.sum(q_n * dq_n - k_n * dk_n, 1) + tl.where(rows == C - 1, tl.sum(end_term, 0), 0.0)
             dg += (i_k.to(tl.int64) * tl.num_programs(1) + i_bh) * T
             tl.store(dg + t0 + rows, tl.cumsum(db, 0, reverse=True), mask=t0 + rows < T)

@@ -19,10 +19,15 @@ h_n = the state entering chunk n. Two passes:
 Intra-chunk pairs keep every exponent ≤ 0, so nothing overflows whatever the gates (strong decays
 underflow to 0, which is also their true value to float32 precision):
 - one decay per head (or none): a C×C masked matmul, exp(b_t − b_s) masked to t ≥ s *before* exp.
-- one decay per key channel: sub-chunks of SUB = 16 positions. Query sub-chunk i meets every earlier key
-  through r = b at the last row of sub-chunk i−1: (q ⊙ exp(b − r)) (k ⊙ exp(r − b))ᵀ, both ≤ 0 since
-  b never increases; pairs inside sub-chunk i take the exact per-channel decay, one key row at a time
-  (``diag_scores``: C·SUB·D_k exps per chunk, the kernel's elementwise cost).
+- one decay per key channel: ``chunk_scores_kernel`` first writes the chunk's score matrix
+  A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) (s ≤ t, 0 above; float32 [B·H, N, C, C]), one program per query
+  sub-chunk of SUB = 16 rows over all of D_k, and the output kernel reads it: o = (q ⊙ exp(b)) h_n + A v,
+  plain dots. Query sub-chunk i meets every earlier key through r = b at the last row of sub-chunk i−1:
+  (q ⊙ exp(b − r)) (k ⊙ exp(r − b))ᵀ, both ≤ 0 since b never increases; pairs inside sub-chunk i take the
+  exact per-channel decay, one key row at a time (the key's row and gate read straight from memory, no
+  reductions to extract them): C·SUB·D_k exps per chunk, the kernel's elementwise cost. Splitting A out
+  keeps the output kernel's tiles at C rows (16-row tiles waste the tensor cores) and lets the scores
+  kernel hold all of D_k, so no K loop reloads and re-cumsums the gates.
 """
 
 from __future__ import annotations
@@ -82,26 +87,10 @@ def store_state(x, k0, K, v0, V, value, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def rows_before(x, end: tl.constexpr, R: tl.constexpr):
-    """Σ over rows < end of x [R, W]: the cumulative log decay up to row end − 1 (0 for end = 0)."""
-    return tl.sum(tl.where(tl.arange(0, R)[:, None] < end, x, 0.0), 0)
-
-
-@triton.jit
-def diag_scores(q, k, c, SUB: tl.constexpr):
-    """S[t, s] = Σ_j q[t, j] k[s, j] exp(c[t, j] − c[s, j]) for s ≤ t, 0 above: exact per-channel
-    decays inside one sub-chunk. q, k, c: [SUB, BK] (c the in-sub-chunk cumulative log gate)."""
-    idx = tl.arange(0, SUB)
-    k = k.to(tl.float32)
-    scores = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for s in range(SUB):
-        row = idx[:, None] == s
-        k_s = tl.sum(tl.where(row, k, 0.0), 0)
-        c_s = tl.sum(tl.where(row, c, 0.0), 0)
-        decay = tl.exp(tl.where(idx[:, None] >= s, c - c_s[None, :], float("-inf")))  # masked before exp
-        col = tl.sum(q * decay * k_s[None, :], 1)
-        scores += tl.where(idx[None, :] == s, col[:, None], 0.0)
-    return scores
+def load_row(x, stride_t, t, T, D, W: tl.constexpr):
+    """Row t of a [T, D] slice as float32 [W]; 0 past T or D (an L1-cached vector load)."""
+    c = tl.arange(0, W)
+    return tl.load(x + tl.cast(t, tl.int64) * stride_t + c, mask=(t < T) & (c < D), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -162,8 +151,52 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def chunk_scores_kernel(
+    q, k, log_g, a, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-channel gates: rows of query sub-chunk i of the chunk's A (float32 [C, C]; blocks above the
+    diagonal are left unwritten, readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
+    BK covers all of D_k; every tile has SUB rows (whole-chunk [C, D_k] float32 tiles spill)."""
+    i_n, i_bh, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    a += ((i_bh.to(tl.int64) * N + i_n) * C + i * SUB) * C  # row i·SUB of this chunk's A
+    t0 = i_n * C
+    ts = t0 + i * SUB  # first row of query sub-chunk i
+    dt = q.dtype.element_ty
+    sub = tl.arange(0, SUB)
+
+    c = tl.cumsum(load_tile(log_g, stride_g_t, ts, T, 0, K, SUB, BK).to(tl.float32), 0)  # b − r in sub-chunk i
+    q_i = load_tile(q, stride_q_t, ts, T, 0, K, SUB, BK).to(tl.float32)
+    q_from_r = (q_i * tl.exp(c)).to(dt)
+    to_r = tl.zeros([BK], dtype=tl.float32)  # r − b at the end of sub-chunk j, ≤ 0
+    for jj in tl.static_range(C // SUB):  # keys of sub-chunks j = i−1 … 0, one [SUB, SUB] block each
+        j = C // SUB - 1 - jj
+        if j < i:
+            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
+            total_j = tl.sum(g_j, 0)
+            k_j = load_tile(k, stride_k_t, t0 + j * SUB, T, 0, K, SUB, BK)
+            k_to_r = (k_j * tl.exp(to_r[None, :] + total_j[None, :] - tl.cumsum(g_j, 0))).to(dt)
+            block = tl.dot(q_from_r, tl.trans(k_to_r), input_precision="ieee")
+            tl.store(a + sub[:, None] * C + j * SUB + sub[None, :], block)
+            to_r += total_j
+    c_s = tl.zeros([BK], dtype=tl.float32)
+    for s in range(SUB):  # diagonal block, one key column at a time
+        k_s = load_row(k, stride_k_t, ts + s, T, K, BK)
+        c_s += load_row(log_g, stride_g_t, ts + s, T, K, BK)
+        decay = tl.exp(tl.where(sub[:, None] >= s, c - c_s[None, :], float("-inf")))  # masked before exp
+        tl.store(a + sub * C + i * SUB + s, tl.sum(q_i * decay * k_s[None, :], 1))
+
+
+@triton.jit
 def chunk_output_kernel(
-    q, k, v, log_g, h, o, scale, T, N, H,
+    q, k, v, log_g, a, h, o, scale, T, N, H,
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_v_b, stride_v_h, stride_v_t,
@@ -171,7 +204,8 @@ def chunk_output_kernel(
     stride_o_b, stride_o_h, stride_o_t,
     K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Pass 2: o = scale · [(q ⊙ exp(b)) h_n + intra-chunk pairs], one chunk and V block per program."""
+    """Pass 2: o = scale · [(q ⊙ exp(b)) h_n + intra-chunk pairs], one chunk and V block per program.
+    Per-channel gates read the pairs' scores from A ([B·H, N, C, C], ``chunk_scores_kernel``)."""
     i_n, i_bh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
@@ -184,48 +218,28 @@ def chunk_output_kernel(
     dt = q.dtype.element_ty
     rows = tl.arange(0, C)
 
-    if GATE == GATE_CHANNEL:
-        for i in tl.static_range(C // SUB):
-            ts = t0 + i * SUB  # first row of query sub-chunk i
-            scores = tl.zeros([SUB, C], dtype=tl.float32)  # against keys of sub-chunks < i
-            scores_diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-            acc = tl.zeros([SUB, BV], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK)
-                c = tl.cumsum(load_tile(log_g, stride_g_t, ts, T, k0, K, SUB, BK).to(tl.float32), 0)
-                g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-                r = rows_before(g, i * SUB, C)  # b at the end of sub-chunk i − 1; b = r + c in sub-chunk i
-                h_n = load_state(h, k0, K, v0, V, BK, BV)
-                acc += tl.dot((q_i * tl.exp(c + r[None, :])).to(dt), h_n.to(dt), input_precision="ieee")
-                if i > 0:
-                    k_all = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
-                    to_r = tl.where(rows[:, None] < i * SUB, r[None, :] - tl.cumsum(g, 0), float("-inf"))
-                    k_to_r = (k_all * tl.exp(to_r)).to(dt)
-                    scores += tl.dot((q_i * tl.exp(c)).to(dt), tl.trans(k_to_r), input_precision="ieee")
-                k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK)
-                scores_diag += diag_scores(q_i, k_i, c, SUB)
-            v_i = load_tile(v, stride_v_t, ts, T, v0, V, SUB, BV)
-            acc += tl.dot(scores_diag.to(dt), v_i, input_precision="ieee")
-            if i > 0:
-                v_all = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
-                acc += tl.dot(scores.to(dt), v_all, input_precision="ieee")
-            store_tile(o, stride_o_t, ts, T, v0, V, acc * scale, SUB, BV)
-    else:
-        scores = tl.zeros([C, C], dtype=tl.float32)
-        acc = tl.zeros([C, BV], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
-            k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
-            h_n = load_state(h, k0, K, v0, V, BK, BV)
-            scores += tl.dot(q_n, tl.trans(k_n), input_precision="ieee")
-            acc += tl.dot(q_n, h_n.to(dt), input_precision="ieee")
-        causal = rows[:, None] >= rows[None, :]
-        if GATE == GATE_SCALAR:
-            b = tl.cumsum(load_gate_rows(log_g, stride_g_t, t0, T, C), 0)
-            acc *= tl.exp(b)[:, None]
-            scores *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
+        h_n = load_state(h, k0, K, v0, V, BK, BV)
+        if GATE == GATE_CHANNEL:
+            b = tl.cumsum(load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32), 0)
+            q_n = (q_n * tl.exp(b)).to(dt)
         else:
-            scores = tl.where(causal, scores, 0.0)
-        v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
-        acc += tl.dot(scores.to(dt), v_n, input_precision="ieee")
-        store_tile(o, stride_o_t, t0, T, v0, V, acc * scale, C, BV)
+            k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
+            scores += tl.dot(q_n, tl.trans(k_n), input_precision="ieee")
+        acc += tl.dot(q_n, h_n.to(dt), input_precision="ieee")
+    causal = rows[:, None] >= rows[None, :]
+    if GATE == GATE_CHANNEL:
+        a += (i_bh.to(tl.int64) * N + i_n) * C * C
+        scores = tl.load(a + rows[:, None] * C + rows[None, :], mask=causal, other=0.0)
+    elif GATE == GATE_SCALAR:
+        b = tl.cumsum(load_gate_rows(log_g, stride_g_t, t0, T, C), 0)
+        acc *= tl.exp(b)[:, None]
+        scores *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    else:
+        scores = tl.where(causal, scores, 0.0)
+    v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
+    acc += tl.dot(scores.to(dt), v_n, input_precision="ieee")
+    store_tile(o, stride_o_t, t0, T, v0, V, acc * scale, C, BV)
