@@ -348,10 +348,25 @@ if have:
     cross = crossover_context(list(graphed_sdpa["context"]), list(graphed_sdpa["ms"]), step) \
         if step and len(graphed_sdpa) else None
     rows.append(target("crossover context where recurrent decoding beats attention (both graphed, B = 1)",
-                       "missing" if cross is None else f"from {cross}", "≤ 2K",
+                       "missing" if cross is None else (f"from {cross}" if cross.context else str(cross)), "≤ 2K",
                        None if cross is None else (cross.context or cross.high or float("inf")) <= 2048))
     display(caption("Targets"))
     display(plots.table(pd.DataFrame(rows), "targets"))
+
+# %% [markdown]
+# **The target missed: a gate per key channel.** With one decay per head, the intra-chunk decays form a
+# $C\times C$ matrix and the chunk is three matrix products; with one decay per key channel they do
+# not factor, so each 16-row sub-chunk pairs its queries with earlier keys through a reference point
+# (both exponents $\le 0$, so nothing overflows) and walks its own 16×16 diagonal block one key row at
+# a time. The first version built those diagonal scores with masked reductions inside one kernel and
+# was 7× slower than fla; splitting out a kernel that writes the chunk's score matrix (and, backward,
+# one for $dA = \mathrm{do}\,v^\top$ and one for the intra-chunk $dq, dk$), with 16-row tiles on two
+# warps, brought it to the ratio in the table. Neither the tile shape nor the warp count (1–4) moved the
+# two intra-chunk kernels further, and every other kernel of the per-channel path is also slower than
+# its scalar-gate twin because each reloads the float32 gates and recomputes their in-chunk cumulative
+# sum. What is left to try: store that cumulative sum once per forward (as fla does), keep the score
+# matrix from the forward instead of recomputing it, and read the compiled code of the two intra-chunk
+# kernels; `docs/NOTES.md` keeps each version's time and what it predicted.
 
 # %% [markdown]
 # ## Correctness of every timed number

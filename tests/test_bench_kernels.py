@@ -174,9 +174,9 @@ def test_crossover_context_interpolates_on_log_axes():
     assert crossover_context(contexts, times, 2**0.5).context == pytest.approx(2**10.5)
     assert str(crossover_context(contexts, times, 3.0)) == "3K"  # 2048 · 2^(log 1.5 / log 2) = 3072
     faster = crossover_context(contexts, times, 0.5)  # beats attention at every measured context
-    assert faster.context is None and faster.high == 1024 and str(faster) == "< 1K"
+    assert faster.context is None and faster.high == 1024 and str(faster) == "below 1K"
     slower = crossover_context(contexts, times, 8.0)
-    assert slower.context is None and slower.low == 4096 and str(slower) == "> 4K"
+    assert slower.context is None and slower.low == 4096 and str(slower) == "above 4K"
 
 
 def test_timing_quantiles_budget_and_rotation():

@@ -840,7 +840,7 @@ class Crossover:
     def __str__(self) -> str:
         if self.context is not None:
             return f"{self.context / 1024:.3g}K"
-        return f"< {int(self.high) // 1024}K" if self.high is not None else f"> {int(self.low) // 1024}K"
+        return f"below {int(self.high) // 1024}K" if self.high is not None else f"above {int(self.low) // 1024}K"
 
 
 def crossover_context(contexts: list[int], attention_ms: list[float], recurrent_ms: float) -> Crossover:
