@@ -22,7 +22,6 @@ B is ``in_proj`` (d → 2N real: the real and imaginary parts of B x) and C is `
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import ClassVar
 
 import torch
@@ -30,15 +29,8 @@ from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.ops.diagonal_scan import (
-    chunk_diagonal_scan,
-    diagonal_scan_step,
-    naive_diagonal_scan,
-    parallel_diagonal_scan,
-)
+from lmscale.ops.diagonal_scan import SCANS, diagonal_scan_step, scan_form
 from lmscale.ops.triton import IMPLS, use_triton
-
-SCANS = ("chunk", "parallel", "sequential")
 
 
 def _is_real(value: object) -> bool:
@@ -126,11 +118,7 @@ class LinearRecurrentUnit(Mixer):
         if use_triton(self.impl, x):
             from lmscale.ops.triton.scan_complex import complex_diagonal_scan as op
         else:
-            op = {
-                "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
-                "parallel": parallel_diagonal_scan,
-                "sequential": naive_diagonal_scan,
-            }[self.scan]
+            op = scan_form(self.scan, self.chunk_size)
         lam, u = self._drive(x)
         h, final_state = op(lam, u, initial_state=state, output_final_state=return_state)  # (B, T, N)
         y = self._readout(h, x)

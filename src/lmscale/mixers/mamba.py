@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import ClassVar
 
 import torch
@@ -32,15 +31,9 @@ from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.ops.diagonal_scan import (
-    chunk_diagonal_scan,
-    diagonal_scan_step,
-    naive_diagonal_scan,
-    parallel_diagonal_scan,
-)
+from lmscale.ops.diagonal_scan import SCANS, diagonal_scan_step, scan_form
 from lmscale.ops.triton import IMPLS, use_triton
 
-SCANS = ("chunk", "parallel", "sequential")
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
 
 
@@ -147,11 +140,7 @@ class Mamba(Mixer):
         if use_triton(self.impl, u):
             y, ssm = self._fused_scan(u, state.ssm, return_state)
         else:
-            op = {
-                "chunk": partial(chunk_diagonal_scan, chunk_size=self.chunk_size),
-                "parallel": parallel_diagonal_scan,
-                "sequential": naive_diagonal_scan,
-            }[self.scan]
+            op = scan_form(self.scan, self.chunk_size)
             u_acc, dt, A, B, C = self._selective_inputs(u)
             a, b = self._discretise(u_acc, dt, A, B)
             h, ssm = op(a, b, initial_state=state.ssm, output_final_state=return_state)  # (B, T, d_inner, N)
