@@ -14,18 +14,8 @@ import pytest
 import torch
 
 from lmscale.bench import KERNEL_OPS
-from lmscale.bench.kernels import (
-    GATES,
-    TOLERANCES,
-    Impl,
-    Unavailable,
-    _torch_chunk,
-    crossover_context,
-    default_impls,
-    judge,
-    relative_errors,
-    run_suite,
-)
+from lmscale.bench.implementations import Impl, Unavailable, _torch_chunk, default_impls
+from lmscale.bench.kernels import GATES, TOLERANCES, crossover_context, judge, relative_errors, run_suite
 from lmscale.bench.timing import Budget, capture_graphs, l2_cache_bytes, rotation_sets, time_calls
 from lmscale.cli import main
 from lmscale.results import RecordError, read_records, write_records

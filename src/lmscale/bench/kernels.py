@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import importlib
 import itertools
 import math
 import sys
@@ -55,6 +54,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmscale.bench import KERNEL_OPS
+from lmscale.bench.implementations import (
+    CHUNK_SIZE,
+    MAMBA_STATE,
+    REFERENCES,
+    Impl,
+    Unavailable,
+    default_impls,
+    load,
+    reference_dtype,
+)
 from lmscale.bench.timing import Budget, Timing, capture_graphs, rotation_sets, tensor_bytes, time_calls
 from lmscale.paths import results_dir
 from lmscale.results import make_record, write_records
@@ -63,12 +72,9 @@ EXPERIMENT = "kernels"
 # relative error allowed against the upcast reference, by input dtype (the module docstring says why)
 TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3, torch.complex64: 1e-3}
 GATES = {"gla": "channel", "simple_gla": "head", "linear_attention": "none"}  # the chunked ops
-CHUNK_SIZE = 64  # of our chunk kernel and fla's, for the analytic counts
 # graphed decode steps: one graph runs this many steps over distinct input sets (a 24-layer model's
 # layers), and the time per step is the replay's over this: the graph's one launch spread as in a model
 STEPS_PER_GRAPH = 24
-LRU_CHUNK_SIZE = 32  # the LRU mixer's default chunk for the PyTorch form
-MAMBA_CHUNK_SIZE, MAMBA_STATE = 16, 16  # the Mamba mixer's defaults: PyTorch chunk, N
 
 
 @dataclass(frozen=True)
@@ -119,211 +125,6 @@ def make_suite(quick: bool, device: torch.device, dtype: torch.dtype | None = No
     return replace(suite, dtype=dtype)
 
 
-class Unavailable(Exception):
-    """An implementation that is not installed, not written yet or cannot run here: recorded as skipped."""
-
-
-def load(module: str, name: str) -> Any:
-    """``module.name``, or Unavailable naming what is missing (fla not installed, a kernel not written)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as e:
-        raise Unavailable(f"{module}.{name} is not importable ({e})") from e
-    except AttributeError as e:
-        raise Unavailable(f"{module} has no {name}") from e
-
-
-@dataclass(frozen=True)
-class Impl:
-    """One implementation of an op. ``build()`` resolves its imports (raising Unavailable) and returns
-    the function; ``reference`` names the function it must match (a key of ``REFERENCES``)."""
-
-    build: Callable[[], Callable[..., Any]]
-    reference: str
-
-
-def _bhtd(x: Tensor | None) -> Tensor | None:
-    """[B, T, H, D] memory seen as [B, H, T, D] (a strided view, no copy); per-head gates [B, T, H] too."""
-    return None if x is None else x.transpose(1, 2)
-
-
-# --- the chunked ops: every function takes and returns the [B, T, H, D] layout a model's projections give
-
-
-def _ours_chunk() -> Callable[..., Tensor]:
-    kernel = load("lmscale.ops.triton.chunk", "chunk_gated_recurrence")
-
-    def run(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
-        o, _ = kernel(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(log_g), chunk_size=CHUNK_SIZE)
-        return o.transpose(1, 2)
-
-    return run
-
-
-def _torch_chunk(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
-    from lmscale.ops.gated_recurrence import chunk_gated_recurrence
-
-    o, _ = chunk_gated_recurrence(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(log_g), chunk_size=CHUNK_SIZE)
-    return o.transpose(1, 2)
-
-
-def _fla_chunk_gla() -> Callable[..., Tensor]:
-    chunk_gla = load("fla.ops.gla", "chunk_gla")
-    return lambda q, k, v, log_g: chunk_gla(q, k, v, log_g)[0]
-
-
-def _fla_chunk_simple_gla() -> Callable[..., Tensor]:
-    chunk_simple_gla = load("fla.ops.simple_gla", "chunk_simple_gla")
-    return lambda q, k, v, log_g: chunk_simple_gla(q, k, v, g=log_g)[0]
-
-
-def _causal_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
-    """Softmax attention (FlashAttention) on the same q, k, v; it has no gate. The peer to beat."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True)
-    return o.transpose(1, 2)
-
-
-def _reference_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) -> Tensor:
-    """Causal attention in float32/64: the memory-efficient kernel on CUDA (the math one would hold a
-    T × T matrix, 64 GiB at T = 32K), the math one on the CPU (float64)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if q.is_cuda else [SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True)
-    return o.transpose(1, 2)
-
-
-# --- decoding: recurrent steps take (q_t, k_t, v_t, log_g_t [B, H, D], state [B, H, D, D]) -> (o_t, state)
-
-
-def _ours_step() -> Callable[..., tuple[Tensor, Tensor]]:
-    return load("lmscale.ops.triton.step", "gated_recurrence_step")
-
-
-def _torch_step(q_t: Tensor, k_t: Tensor, v_t: Tensor, log_g_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    from lmscale.ops.gated_recurrence import gated_recurrence_step
-
-    return gated_recurrence_step(q_t, k_t, v_t, log_g_t, state)
-
-
-def _fla_step() -> Callable[..., tuple[Tensor, Tensor]]:
-    fused_recurrent_gla = load("fla.ops.gla", "fused_recurrent_gla")
-
-    def run(q_t: Tensor, k_t: Tensor, v_t: Tensor, log_g_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        o, new_state = fused_recurrent_gla(q_t.unsqueeze(1), k_t.unsqueeze(1), v_t.unsqueeze(1),
-                                           gk=log_g_t.unsqueeze(1), initial_state=state, output_final_state=True)
-        return o.squeeze(1), new_state
-
-    return run
-
-
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """One query per sequence over its whole cache (FlashAttention): q [B, 1, H, D], caches [B, L, H, D]."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k_cache), _bhtd(v_cache))
-    return o.transpose(1, 2)
-
-
-def _reference_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """The same in float32 (float64 for float32 inputs), one sequence at a time: upcast caches of 64
-    sequences would not fit beside the originals."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    hi = _reference_dtype(q.dtype)
-    outputs = []
-    with sdpa_kernel(SDPBackend.MATH):
-        for b in range(q.shape[0]):
-            one = (x[b : b + 1].to(hi) for x in (q, k_cache, v_cache))
-            outputs.append(F.scaled_dot_product_attention(*(_bhtd(x) for x in one)))
-    return torch.cat(outputs).transpose(1, 2)
-
-
-# --- the LRU scan: (λ [N] complex, b [B, T, N] complex) -> h [B, T, N]
-
-
-def _ours_lru_scan() -> Callable[..., Tensor]:
-    scan = load("lmscale.ops.triton.scan_complex", "complex_diagonal_scan")
-    return lambda lam, b: scan(lam, b)[0]
-
-
-def _torch_lru_scan(lam: Tensor, b: Tensor) -> Tensor:
-    from lmscale.ops.diagonal_scan import chunk_diagonal_scan
-
-    return chunk_diagonal_scan(lam, b, chunk_size=LRU_CHUNK_SIZE)[0]
-
-
-def _reference_lru_scan(lam: Tensor, b: Tensor) -> Tensor:
-    """The Hillis–Steele form: the chunk form's pairwise [T, C, N] decays do not fit at 32K tokens in complex128."""
-    from lmscale.ops.diagonal_scan import parallel_diagonal_scan
-
-    return parallel_diagonal_scan(lam, b)[0]
-
-
-def _ours_selective_scan() -> Callable[..., Tensor]:
-    scan = load("lmscale.ops.triton.selective_scan", "selective_scan")
-    return lambda u, delta, A, B, C: scan(u, delta, A, B, C)[0]
-
-
-def _mamba_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, scan: Callable) -> Tensor:
-    """The Mamba mixer's PyTorch path: Ā = exp(ΔA), B̄u = Δ u Bᵀ as [B, T, D, N] tensors, the diagonal scan,
-    y = h C. u, delta [B, T, D]; A [D, N]; B, C [B, T, N] -> y [B, T, D]."""
-    a = torch.exp(delta.unsqueeze(-1) * A)
-    b = (delta * u).unsqueeze(-1) * B.unsqueeze(-2)
-    h, _ = scan(a, b)
-    return (h * C.unsqueeze(-2)).sum(-1)
-
-
-def _torch_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    from lmscale.ops.diagonal_scan import chunk_diagonal_scan
-
-    return _mamba_scan(u, delta, A, B, C, partial(chunk_diagonal_scan, chunk_size=MAMBA_CHUNK_SIZE))
-
-
-def _reference_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """Token by token: the chunk form's pairwise decays would need 16× h's memory, in float64."""
-    from lmscale.ops.diagonal_scan import naive_diagonal_scan
-
-    return _mamba_scan(u, delta, A, B, C, naive_diagonal_scan)
-
-
-# what each implementation is checked against, called on its inputs upcast (see ``_reference_dtype``)
-REFERENCES: dict[str, Callable[..., Any]] = {
-    "recurrence": _torch_chunk,
-    "attention": _reference_attention,
-    "recurrence_step": _torch_step,
-    "attention_decode": _reference_decode_attention,
-    "lru_scan": _reference_lru_scan,
-    "selective_scan": _reference_selective_scan,
-}
-
-
-def default_impls() -> dict[str, dict[str, Impl]]:
-    """Op -> implementation name -> Impl. ``run_suite(impls=...)`` takes a different table (the tests
-    inject a deliberately wrong kernel to see it refused)."""
-    attention = Impl(lambda: _causal_attention, "attention")
-    torch_chunk = Impl(lambda: _torch_chunk, "recurrence")
-    ours_chunk = Impl(_ours_chunk, "recurrence")
-    return {
-        "gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_gla, "recurrence"), "torch": torch_chunk,
-                "sdpa": attention},
-        "simple_gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_simple_gla, "recurrence"),
-                       "torch": torch_chunk, "sdpa": attention},
-        "linear_attention": {"ours": ours_chunk, "torch": torch_chunk, "sdpa": attention},
-        "lru_scan": {"ours": Impl(_ours_lru_scan, "lru_scan"), "torch": Impl(lambda: _torch_lru_scan, "lru_scan")},
-        "selective_scan": {"ours": Impl(_ours_selective_scan, "selective_scan"),
-                           "torch": Impl(lambda: _torch_selective_scan, "selective_scan")},
-        "step": {"ours": Impl(_ours_step, "recurrence_step"), "fla": Impl(_fla_step, "recurrence_step"),
-                 "torch": Impl(lambda: _torch_step, "recurrence_step"),
-                 "sdpa": Impl(lambda: _decode_attention, "attention_decode")},
-    }
-
-
 # --- checking
 
 
@@ -357,11 +158,6 @@ def judge(errors: dict[str, float], tolerance: float) -> str | None:
     return None
 
 
-def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit inputs (as the GPU runs it), float64 for float32, complex128 for complex64."""
-    return {torch.float32: torch.float64, torch.complex64: torch.complex128}.get(dtype, torch.float32)
-
-
 def _gradients(fn: Callable[..., Tensor], inputs: list[Tensor | None], upstream: Tensor) -> dict[str, Tensor | None]:
     """Output and the gradient of <output, upstream> w.r.t. every input (None where it does not depend on one)."""
     leaves = [x for x in inputs if x is not None]
@@ -372,8 +168,8 @@ def _gradients(fn: Callable[..., Tensor], inputs: list[Tensor | None], upstream:
 
 def _reference_outputs(name: str, inputs: list[Tensor | None], upstream: Tensor) -> dict[str, Tensor | None]:
     """``REFERENCES[name]`` on the inputs upcast (``_reference_dtype``): output and input gradients, detached."""
-    hi = [None if x is None else x.detach().to(_reference_dtype(x.dtype)).requires_grad_() for x in inputs]
-    out = _gradients(REFERENCES[name], hi, upstream.to(_reference_dtype(upstream.dtype)))
+    hi = [None if x is None else x.detach().to(reference_dtype(x.dtype)).requires_grad_() for x in inputs]
+    out = _gradients(REFERENCES[name], hi, upstream.to(reference_dtype(upstream.dtype)))
     return {k: None if x is None else x.detach() for k, x in out.items()}
 
 
@@ -556,7 +352,7 @@ class _Run:
             first = matmul_set()
             a, b, c = first
             torch.mm(a, b, out=c)
-            ref = a.to(_reference_dtype(dtype)) @ b.to(_reference_dtype(dtype))
+            ref = a.to(reference_dtype(dtype)) @ b.to(reference_dtype(dtype))
             errors = relative_errors({"o": c}, {"o": ref})
             return errors, lambda: [partial(torch.mm, *x[:2], out=x[2]) for x in
                                     self.sets(matmul_set, first, tensor_bytes(*first))]
@@ -722,7 +518,7 @@ class _Run:
         state_before = first[4].clone()  # the kernel may update it in place
         with torch.no_grad():
             o, state = fn(*first)  # checked eagerly: a multi-step graph ends on another input set
-        hi = _reference_dtype(dtype)
+        hi = reference_dtype(dtype)
         ref_o, ref_state = REFERENCES[impl.reference](*(x.to(hi) for x in (*first[:4], state_before)))
         errors = relative_errors({"o": o, "state": state}, {"o": ref_o, "state": ref_state})
         return errors, lambda: self._calls(fn, self.sets(draw, first, tensor_bytes(*first)), graphed)
