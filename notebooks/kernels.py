@@ -60,7 +60,7 @@ plots.setup()
 # the columns a chart needs, under plain names (altair reads "config.T" as a nested field)
 COLUMNS = {"config.op": "op", "config.impl": "impl", "config.mode": "mode", "config.B": "B", "config.T": "T",
            "config.context": "context", "config.graphed": "graphed", "config.gate": "gate",
-           "config.n_layers": "n_layers", "metrics.ms_median": "ms", "metrics.ms_p10": "p10",
+           "config.n_layers": "n_layers", "config.mixer": "mixer", "metrics.ms_median": "ms", "metrics.ms_p10": "p10",
            "metrics.ms_p90": "p90", "metrics.max_rel_err": "max_rel_err", "metrics.tflops": "tflops",
            "metrics.gbps": "gbps", "metrics.flops": "flops", "metrics.bytes": "bytes"}
 
@@ -285,6 +285,24 @@ if have:
         display(caption("Achieved bandwidth of the scans, GB/s (bytes a fused scan must move)"))
         display(plots.table(scans.pivot_table(index=["op", "mode", "T"], columns="impl", values="gbps").reset_index(),
                             "scan_gbps", formats={"ours": "{:,.0f}", "torch": "{:,.0f}"}))
+
+# %% [markdown]
+# ## Where a layer's time goes
+#
+# The issue behind these kernels asks to measure before writing the next one: every mixer's layer
+# (projections, gates, norms and its op) at the 350M width, forward and forward+backward, as a model
+# runs it on the GPU (`ours`: our kernels where the mixer has them) and, for mixers with kernels, on
+# the PyTorch path (op `mixer_layer` of the suite).
+
+# %%
+layer_times = ok[ok["op"] == "mixer_layer"] if have else ok
+if len(layer_times):
+    display(caption("One mixer layer, ms per batch"))
+    display(plots.table(layer_times.pivot_table(index="mixer", columns=["mode", "impl"], values="ms").reset_index(),
+                        "mixer_layers"))
+else:
+    display(Markdown("*No `mixer_layer` records are committed yet: `python -m lmscale bench kernels --device cuda "
+                     "--ops mixer_layer` makes them.*"))
 
 # %% [markdown]
 # ## Targets

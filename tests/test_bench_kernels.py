@@ -216,7 +216,7 @@ def test_past_the_time_limit_nothing_more_is_measured(tmp_path):
 
 
 def test_default_table_covers_every_timed_op():
-    assert set(default_impls()) | {"ceiling", "model_step"} == set(KERNEL_OPS)
+    assert set(default_impls()) | {"ceiling", "model_step", "mixer_layer"} == set(KERNEL_OPS)
 
 
 def test_the_cli_imports_nothing_the_gpu_machine_lacks():
@@ -224,3 +224,14 @@ def test_the_cli_imports_nothing_the_gpu_machine_lacks():
             "print([m for m in ('datasets', 'altair', 'papermill', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().replace("'", '"')) == []
+
+
+def test_mixer_layer_profile_checks_every_variant_against_pytorch(tmp_path):
+    """The layer profile times each mixer as a model runs it and, for mixers with kernels, on PyTorch too;
+    both agree with the higher-precision PyTorch layer (here float32 kernels in the interpreter vs float64)."""
+    records, _ = run_suite(device="cpu", quick=True, ops=["mixer_layer"], out=tmp_path)
+    seen = {(r["config"]["mixer"], r["config"]["impl"], r["config"]["mode"]) for r in records}
+    assert seen == {(m, i, mode) for m, impls in (("attention", ("ours",)), ("gla", ("ours", "torch")))
+                    for i in impls for mode in ("fwd", "fwdbwd")}
+    for r in records:
+        assert r["status"] == "ok" and r["metrics"]["max_rel_err"] < 1e-5 and r["metrics"]["ms_median"] > 0, r

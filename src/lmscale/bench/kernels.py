@@ -95,6 +95,10 @@ class Suite:
     scan_seq_lens: tuple[int, ...]
     mamba_width: int  # d_inner = 2 · d_model of a 350M model, N = 16 per channel
     mamba_tokens: int  # per batch: its PyTorch form holds [B, T, chunk, d_inner, N] decays
+    mixer_preset: str = "350M"  # the width at which each mixer's layer is profiled (op mixer_layer)
+    mixer_seq_len: int = 2048
+    mixer_tokens: int = 16384
+    mixer_names: tuple[str, ...] | None = None  # None: every registered mixer
     budget: Budget = field(default_factory=Budget)
     max_sets: int = 256  # input sets rotated through (fewer under the interpreter: each call is slow)
     memory_limit: int = 70 * 2**30  # decode sizes needing more are skipped
@@ -109,7 +113,8 @@ FULL = Suite(
 QUICK = Suite(
     dtype=torch.bfloat16, heads=2, head_dim=16, tokens=32, seq_lens=(32,), decode_batches=(1, 2),
     contexts=(64, 256), model_preset="tiny", matmul_size=64, copy_bytes=2**20, scan_width=16,
-    scan_seq_lens=(16, 32), mamba_width=32, mamba_tokens=32, max_sets=2,
+    scan_seq_lens=(16, 32), mamba_width=32, mamba_tokens=32, max_sets=2, mixer_preset="tiny",
+    mixer_seq_len=32, mixer_tokens=32, mixer_names=("attention", "gla"),
     budget=Budget(warmup_ms=0, rep_ms=0, min_warmup=1, min_reps=2, max_reps=2),
 )
 
@@ -167,9 +172,15 @@ def _gradients(fn: Callable[..., Tensor], inputs: list[Tensor | None], upstream:
 
 
 def _reference_outputs(name: str, inputs: list[Tensor | None], upstream: Tensor) -> dict[str, Tensor | None]:
-    """``REFERENCES[name]`` on the inputs upcast (``_reference_dtype``): output and input gradients, detached."""
+    """``REFERENCES[name]`` on the inputs upcast (``reference_dtype``): output and input gradients, detached."""
+    return _reference_outputs_of(REFERENCES[name], inputs, upstream)
+
+
+def _reference_outputs_of(fn: Callable[..., Tensor], inputs: list[Tensor | None],
+                          upstream: Tensor) -> dict[str, Tensor | None]:
+    """``fn`` on the inputs upcast (``reference_dtype``): output and input gradients, detached."""
     hi = [None if x is None else x.detach().to(reference_dtype(x.dtype)).requires_grad_() for x in inputs]
-    out = _gradients(REFERENCES[name], hi, upstream.to(reference_dtype(upstream.dtype)))
+    out = _gradients(fn, hi, upstream.to(reference_dtype(upstream.dtype)))
     return {k: None if x is None else x.detach() for k, x in out.items()}
 
 
@@ -472,6 +483,74 @@ class _Run:
         return errors, lambda: [partial(run, fn, x if mode == "fwdbwd" else x[:n])
                                 for x in self.sets(draw, first, tensor_bytes(*first))]
 
+    def mixer_layer(self) -> None:
+        """Each registered mixer's layer at one width, forward and forward+backward: where a model's time
+        goes, measured before deciding which op deserves a kernel next. ``ours`` is the layer as a model
+        runs it (``impl="auto"``: our kernels where it has them); ``torch`` the same weights on the PyTorch
+        path, for mixers that have kernels. Checked against the layer in higher precision on PyTorch."""
+        from lmscale.mixers import MIXERS, available, build_mixer
+        from lmscale.presets import preset
+
+        s, dtype = self.suite, self.suite.dtype
+        T, B = s.mixer_seq_len, s.mixer_tokens // s.mixer_seq_len
+        for name in s.mixer_names or tuple(available()):
+            impl_option = MIXERS[name].options.get("impl")
+            has_kernels = impl_option is not None and "triton" in impl_option.choices
+            # ours: as a model runs it on CUDA; on the CPU (tests) "auto" would mean PyTorch, so insist
+            variants = {"ours": {"impl": "triton"} if has_kernels and self.device.type != "cuda" else {}}
+            if has_kernels:
+                variants["torch"] = {"impl": "torch"}
+            seed = self.case_seed("mixer_layer", name)
+            # the reference runs on PyTorch; for mixers without kernels that is their only path
+            options = {**variants, "reference": variants.get("torch", {})}
+            try:
+                torch.manual_seed(seed)
+                cfgs = {impl: preset(s.mixer_preset, name, mixer_options=opts) for impl, opts in options.items()}
+                with torch.device(self.device):
+                    layers = {impl: build_mixer(cfg, 0) for impl, cfg in cfgs.items()}
+            except Exception as e:  # noqa: BLE001 — a mixer that cannot be built at this width says why
+                for impl in variants:
+                    for mode in ("fwd", "fwdbwd"):
+                        self.record({"op": "mixer_layer", "impl": impl, "mode": mode, "mixer": name, "B": B, "T": T,
+                                     "dtype": str(dtype).removeprefix("torch."), "seed": seed}, "refused",
+                                    error=_describe(e))
+                continue
+            weights = layers["ours"].state_dict()
+            for layer in layers.values():
+                layer.load_state_dict(weights)
+            reference = layers.pop("reference").to(reference_dtype(dtype))
+            d_model = cfgs["ours"].d_model
+            draw = partial(self._layer_inputs, self.generator(seed), B, T, d_model)
+            first = draw()
+            expected = _reference_outputs_of(reference, first[:1], first[1])
+            for mode in ("fwd", "fwdbwd"):
+                for impl, layer in layers.items():
+                    layer = layer.to(dtype)
+                    config = {"op": "mixer_layer", "impl": impl, "mode": mode, "mixer": name, "B": B, "T": T,
+                              "d_model": d_model, "preset": s.mixer_preset,
+                              "dtype": str(dtype).removeprefix("torch."), "seed": seed}
+                    prepare = partial(self._prepare_layer, layer, mode, first, draw, expected)
+                    self.measure(config, prepare)
+            del layers, reference, first, expected
+            _free(self.device)
+
+    def _layer_inputs(self, gen: torch.Generator, B: int, T: int, d_model: int) -> list[Tensor]:
+        """x [B, T, d_model] (requiring grad) and the upstream gradient, in the suite dtype."""
+        dtype = self.suite.dtype
+        return [self.randn(gen, B, T, d_model).to(dtype).requires_grad_(), self.randn(gen, B, T, d_model).to(dtype)]
+
+    def _prepare_layer(self, layer: Callable, mode: str, first: list, draw: Callable,
+                       expected: dict[str, Tensor | None]):
+        if mode == "fwd":
+            out, ref = _forward(layer, first[:1]), {"o": expected["o"]}
+        else:
+            out, ref = _gradients(layer, first[:1], first[1]), expected
+        errors = relative_errors(_named(out, ("x",)), _named(ref, ("x",)))
+        del out
+        run = _forward if mode == "fwd" else (lambda f, x: _gradients(f, x[:1], x[1]))
+        return errors, lambda: [partial(run, layer, x if mode == "fwdbwd" else x[:1])
+                                for x in self.sets(draw, first, tensor_bytes(*first))]
+
     def step(self) -> None:
         """One layer's decoding step: recurrent (state [B, H, D, D] float32) vs attention over a KV cache."""
         s, dtype, H, D = self.suite, self.suite.dtype, self.suite.heads, self.suite.head_dim
@@ -693,7 +772,8 @@ def run_suite(
     for op in dict.fromkeys(ops):  # in the order asked: a run that meets its time limit skips the last
         try:
             {"ceiling": run.ceiling, "lru_scan": run.lru_scan, "selective_scan": run.selective_scan,
-             "step": run.step, "model_step": run.model_step}.get(op, partial(run.chunked, op))()
+             "step": run.step, "model_step": run.model_step,
+             "mixer_layer": run.mixer_layer}.get(op, partial(run.chunked, op))()
         except Exception as e:  # noqa: BLE001 — outside any measurement (drawing inputs): go on to the next op
             run.log(f"!!! op {op} aborted: {_describe(e)}")
             _free(device)
@@ -711,7 +791,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     rows: dict[tuple, list[str]] = {}
     for r in records:
         c, m = r["config"], r["metrics"]
-        key = (c["op"], c["mode"], c.get("B"), f"T={c.get('T')}" if c.get("context") is None else f"L={c['context']}")
+        op = c["op"] if c.get("mixer") is None else f"{c['op']}:{c['mixer']}"
+        key = (op, c["mode"], c.get("B"), f"T={c.get('T')}" if c.get("context") is None else f"L={c['context']}")
         name = c["impl"] + ("/g" if c.get("graphed") else "")
         if r["status"] == "ok" and "ms_median" in m:
             cell = f"{name} {m['ms_median']:.4g}"
