@@ -20,15 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.ops.gated_recurrence import (
-    FORMS,
-    gated_recurrence,
-    gated_recurrence_elements_moved,
-    gated_recurrence_flops,
-    recurrent_step,
-)
-from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.mixers.base import Cost, Option, is_positive_int, register
+from lmscale.mixers.gated_linear import GatedLinearMixer
+from lmscale.ops.gated_recurrence import FORMS, gated_recurrence_elements_moved, gated_recurrence_flops
 from lmscale.ops.triton import IMPLS
 
 
@@ -37,7 +31,7 @@ def _is_positive_number(value: object) -> bool:
 
 
 @register("gla")
-class GatedLinearAttention(Mixer):
+class GatedLinearAttention(GatedLinearMixer):
     """GLA layer; ``form`` picks which gated-recurrence form ``forward`` runs, ``step`` is recurrent."""
 
     options: ClassVar[dict[str, Option]] = {
@@ -96,28 +90,6 @@ class GatedLinearAttention(Mixer):
         if self.out_gate_proj is not None:
             o = o * F.silu(self.out_gate_proj(x)).view(B, T, self.n_heads, self.head_v_dim)
         return self.o_proj(o.reshape(B, T, self.d_model))
-
-    def forward(
-        self, x: Tensor, state: Tensor | None = None, return_state: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        q, k, v, log_g = self._project(x)
-        o, final_state = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
-                                          initial_state=state, output_final_state=return_state, impl=self.impl)
-        y = self._readout(o, x)
-        return (y, final_state) if return_state else y
-
-    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        q, k, v, log_g = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1)))  # (B, H, D)
-        o_t, state = recurrent_step(q, k, v, log_g, state, impl=self.impl)
-        return self._readout(o_t.unsqueeze(2), x_t.unsqueeze(1)).squeeze(1), state
-
-    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-        shape = (batch_size, self.n_heads, self.head_k_dim, self.head_v_dim)
-        return torch.zeros(shape, device=device, dtype=compute_dtype(dtype))
-
-    def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dk, Dv] matrix whatever the context length, kept in at least float32."""
-        return self.n_heads * self.head_k_dim * self.head_v_dim * compute_dtype(dtype).itemsize
 
     def _projection_flops(self, T: int) -> int:
         """q, k (d -> dk_all); v, o and the output gate (d -> d); the low-rank decay (d -> r -> dk_all)."""

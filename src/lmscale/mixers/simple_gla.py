@@ -27,15 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
-from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.ops.gated_recurrence import (
-    FORMS,
-    gated_recurrence,
-    gated_recurrence_elements_moved,
-    gated_recurrence_flops,
-    recurrent_step,
-)
-from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.mixers.base import Cost, Option, is_positive_int, register
+from lmscale.mixers.gated_linear import GatedLinearMixer
+from lmscale.ops.gated_recurrence import FORMS, gated_recurrence_elements_moved, gated_recurrence_flops
 from lmscale.ops.triton import IMPLS
 
 A_INIT_RANGE = (1.0, 16.0)  # Mamba-2's defaults
@@ -44,7 +38,7 @@ DT_INIT_FLOOR = 1e-4
 
 
 @register("simple_gla")
-class SimpleGatedLinearAttention(Mixer):
+class SimpleGatedLinearAttention(GatedLinearMixer):
     """GLA with a scalar gate per head; ``form`` picks the op's form ``forward`` runs, ``step`` is recurrent."""
 
     options: ClassVar[dict[str, Option]] = {
@@ -62,6 +56,7 @@ class SimpleGatedLinearAttention(Mixer):
         self.layer_idx = layer_idx
         self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.head_k_dim = self.head_v_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -91,28 +86,6 @@ class SimpleGatedLinearAttention(Mixer):
         gate = F.silu(self.out_gate_proj(x)).view(B, T, self.n_heads, self.head_dim)
         o = o.transpose(1, 2).to(self.o_norm.weight.dtype)  # norm at weight precision, also under autocast
         return self.o_proj((self.o_norm(o) * gate).reshape(B, T, self.d_model))
-
-    def forward(
-        self, x: Tensor, state: Tensor | None = None, return_state: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        q, k, v, log_g = self._project(x)
-        o, final_state = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
-                                          initial_state=state, output_final_state=return_state, impl=self.impl)
-        y = self._readout(o, x)
-        return (y, final_state) if return_state else y
-
-    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        q, k, v, log_g = (t[:, :, 0] for t in self._project(x_t.unsqueeze(1)))  # (B, H[, Dh])
-        o_t, state = recurrent_step(q, k, v, log_g, state, impl=self.impl)
-        return self._readout(o_t.unsqueeze(2), x_t.unsqueeze(1)).squeeze(1), state
-
-    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-        shape = (batch_size, self.n_heads, self.head_dim, self.head_dim)
-        return torch.zeros(shape, device=device, dtype=compute_dtype(dtype))
-
-    def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dh, Dh] matrix whatever the context length, kept in at least float32."""
-        return self.n_heads * self.head_dim * self.head_dim * compute_dtype(dtype).itemsize
 
     def _projection_flops(self, T: int) -> int:
         """q, k, v, output gate, o (d -> d) and the step sizes (d -> H)."""
