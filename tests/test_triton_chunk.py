@@ -93,9 +93,11 @@ def test_triton_chunk_equals_naive(B, H, T, K, V, chunk_size, with_state, gate):
 
 @pytest.mark.parametrize("gate", GATES)
 def test_several_key_and_value_blocks(gate, monkeypatch):
-    """Tiles of 16 cut D_k = 32 into two blocks and D_v = 24 into a full and a half-masked one."""
+    """Tiles of 16 cut D_k = 32 into two blocks and D_v = 24 into a full and a half-masked one (and the
+    per-channel diagonal blocks into two channel blocks)."""
     monkeypatch.setattr(triton_chunk_module, "BLOCK", 16)
     monkeypatch.setattr(triton_chunk_module, "SCORES_BLOCK_V", 16)
+    monkeypatch.setattr(triton_chunk_module, "DIAG_BLOCK", 16)
     inputs = make_inputs(1, 2, 40, 32, 24, gate)
     assert_all_close(run(chunk_gated_recurrence, inputs, chunk_size=32), reference(inputs))
 

@@ -41,6 +41,7 @@ from lmscale.ops.triton.chunk_fwd import (
     GATE_NONE,
     GATE_SCALAR,
     SUB,
+    chunk_cumsum_kernel,
     chunk_output_kernel,
     chunk_scores_kernel,
     chunk_states_kernel,
@@ -58,8 +59,10 @@ SCORES_BLOCK_V = 128
 # spills (4 warps spill in the per-channel kernels; 3 stages double the shared memory of the output and
 # dv kernels to 128 KiB, one program per SM). Not yet timed against other settings.
 LAUNCH = {"num_warps": 8, "num_stages": 2}
-# The per-channel sub-chunk kernels (16-row tiles over all of D_k) reduce and broadcast along rows once
-# per row of the diagonal block: few warps keep that inside a warp (4 warps: 5× slower than fla).
+# The per-channel sub-chunk kernels (16-row tiles) form their diagonal block as a [16, 16, channels]
+# cube, DIAG_BLOCK channels at a time (the scores kernel loops over them; the intra-gradient kernel's
+# programs split D_k into blocks of that width).
+DIAG_BLOCK = 32
 SUB_LAUNCH = {"num_warps": 2, "num_stages": 2}
 
 
@@ -96,10 +99,14 @@ class ChunkGatedRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_g, scale, initial_state, chunk_size):
         gate = _gate_mode(log_g)
+        ctx.log_g_layout = None
+        if gate == GATE_CHANNEL.value:  # the kernels read in-chunk cumulative sums in place of log g
+            ctx.log_g_layout = log_g.shape, log_g.stride(), log_g.dtype
+            log_g = _chunk_cumulative(log_g, chunk_size)
         states = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
         scores = _chunk_scores(q, k, log_g, gate, chunk_size)
         o = _chunk_output(q, k, v, log_g, scores, states, scale, gate, chunk_size)
-        ctx.save_for_backward(q, k, v, log_g, initial_state)
+        ctx.save_for_backward(q, k, v, log_g, initial_state, scores)
         ctx.scale, ctx.chunk_size, ctx.gate = scale, chunk_size, gate
         ctx.set_materialize_grads(False)
         final_state = states.unflatten(0, q.shape[:2])[:, :, -1].clone()
@@ -107,7 +114,7 @@ class ChunkGatedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_final_state):
-        q, k, v, log_g, initial_state = ctx.saved_tensors
+        q, k, v, log_g, initial_state, scores = ctx.saved_tensors
         scale, C, gate = ctx.scale, ctx.chunk_size, ctx.gate
         if do is None:  # only the final state reached the loss
             do = torch.zeros_like(v, dtype=q.dtype)
@@ -116,13 +123,26 @@ class ChunkGatedRecurrence(torch.autograd.Function):
         with _on_device_of(q):
             states = _chunk_states(k, v, log_g, initial_state, gate, C)
             d_states, d_initial = _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C)
-            dv = _chunk_dv(q, k, v, log_g, _chunk_scores(q, k, log_g, gate, C), do, d_states, scale, gate, C)
+            dv = _chunk_dv(q, k, v, log_g, scores, do, d_states, scale, gate, C)
             intra = _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C)
-            dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg)
+            dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg,
+                                          ctx.log_g_layout)
         d_initial_state = None
         if initial_state is not None and ctx.needs_input_grad[5]:
             d_initial_state = d_initial.view_as(initial_state).to(initial_state.dtype)
         return dq, dk, dv, d_log_g, None, d_initial_state, None
+
+
+def _chunk_cumulative(log_g, C) -> Tensor:
+    """Per-channel gates, pass 0: in-chunk cumulative log decays b, float32 [B, H, N·C, D_k]."""
+    B, H, T, K = log_g.shape
+    N = triton.cdiv(T, C)
+    b = log_g.new_empty(B, H, N * C, K, dtype=torch.float32)
+    BK = _block(K)
+    chunk_cumsum_kernel[(N, B * H, triton.cdiv(K, BK))](
+        log_g, b, T, N, H, *_strides(log_g), K=K, C=C, BK=BK, **LAUNCH,
+    )
+    return b
 
 
 def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
@@ -141,15 +161,15 @@ def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
 
 
 def _chunk_scores(q, k, log_g, gate, C) -> Tensor | None:
-    """Per-channel gates: the intra-chunk scores A, float32 [B·H, N, C, C] (None for other gates)."""
+    """Per-channel gates: the intra-chunk scores A, [B·H, N, C, C] in q's dtype (None for other gates)."""
     if gate != GATE_CHANNEL.value:
         return None
     B, H, T, K = q.shape
     N = triton.cdiv(T, C)
-    scores = q.new_empty(B * H, N, C, C, dtype=torch.float32)
+    scores = q.new_empty(B * H, N, C, C)
     chunk_scores_kernel[(N, B * H, C // SUB.value)](
         q, k, log_g, scores, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
-        K=K, C=C, BK=_block(K, MAX_HEAD_DIM), **SUB_LAUNCH,
+        K=K, C=C, BK=_block(K), DK=_block(K, DIAG_BLOCK), **SUB_LAUNCH,
     )
     return scores
 
@@ -213,15 +233,17 @@ def _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C) -> tuple[Tensor, Tens
         v, do, d_scores, scale, T, N, H, *_strides(v), *_strides(do), V=V, C=C, BV=_block(V), **LAUNCH,
     )
     dq, dk = (q.new_empty(B * H, N * C, K, dtype=torch.float32) for _ in range(2))
-    chunk_intra_grads_kernel[(N, B * H, C // SUB.value)](
+    BK = _block(K, DIAG_BLOCK)
+    chunk_intra_grads_kernel[(N, B * H, C // SUB.value * triton.cdiv(K, BK))](
         q, k, log_g, d_scores, dq, dk, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
-        K=K, C=C, BK=_block(K, MAX_HEAD_DIM), **SUB_LAUNCH,
+        K=K, C=C, BK=BK, **SUB_LAUNCH,
     )
     return dq, dk
 
 
-def _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg):
-    """Pass 5: dq, dk (layouts of q, k) and d log g (None unless ``need_dg``)."""
+def _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg, log_g_layout):
+    """Pass 5: dq, dk (layouts of q, k) and d log g (None unless ``need_dg``). For per-channel gates
+    log_g holds the cumulative sums and ``log_g_layout`` log g's shape, strides and dtype."""
     B, H, T, K = q.shape
     V, N = v.shape[-1], d_states.shape[1]
     dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -229,7 +251,8 @@ def _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, nee
     channel = gate == GATE_CHANNEL.value
     dg = None
     if need_dg and channel:
-        dg = torch.empty_like(log_g)
+        shape, strides, dtype = log_g_layout
+        dg = torch.empty_strided(shape, strides, dtype=dtype, device=q.device)
     elif need_dg:  # per head: one partial sum per K block, added up below
         dg = q.new_empty(triton.cdiv(K, BK), B * H, T, dtype=torch.float32)
     dqi, dki = (states, states) if intra is None else intra

@@ -37,8 +37,10 @@ from lmscale.ops.triton.chunk_fwd import (
     GATE_CHANNEL,
     GATE_SCALAR,
     SUB,
+    diagonal_decay,
+    load_cumulative,
+    load_cumulative_row,
     load_gate_rows,
-    load_row,
     load_state,
     load_tile,
     store_state,
@@ -55,9 +57,8 @@ def state_grad_step(q, do, log_g, stride_q_t, stride_do_t, stride_g_t, t0, T, k0
     q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
     do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
     if GATE == GATE_CHANNEL:
-        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-        q_n = (q_n * tl.exp(tl.cumsum(g, 0))).to(do_n.dtype)
-        d_state *= tl.exp(tl.sum(g, 0))[:, None]
+        q_n = (q_n * tl.exp(load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C))).to(do_n.dtype)
+        d_state *= tl.exp(load_cumulative_row(log_g, stride_g_t, t0 + C - 1, T, k0, K, BK, C))[:, None]
     elif GATE == GATE_SCALAR:
         g = load_gate_rows(log_g, stride_g_t, t0, T, C)
         q_n = (q_n * tl.exp(tl.cumsum(g, 0))[:, None]).to(do_n.dtype)
@@ -133,8 +134,9 @@ def chunk_dv_kernel(
         k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
         d_state = load_state(dh, k0, K, v0, V, BK, BV)
         if GATE == GATE_CHANNEL:
-            g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-            k_n = (k_n * tl.exp(tl.sum(g, 0)[None, :] - tl.cumsum(g, 0))).to(dt)
+            b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+            b_last = load_cumulative_row(log_g, stride_g_t, t0 + C - 1, T, k0, K, BK, C)
+            k_n = (k_n * tl.exp(b_last[None, :] - b)).to(dt)
         else:
             q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
             scores_t += tl.dot(k_n, tl.trans(q_n), input_precision="ieee")
@@ -142,7 +144,7 @@ def chunk_dv_kernel(
     causal_t = rows[:, None] <= rows[None, :]
     if GATE == GATE_CHANNEL:
         a += (i_bh.to(tl.int64) * N + i_n) * C * C
-        scores_t = tl.load(a + rows[None, :] * C + rows[:, None], mask=causal_t, other=0.0)
+        scores_t = tl.load(a + rows[None, :] * C + rows[:, None], mask=causal_t, other=0.0).to(tl.float32)
     elif GATE == GATE_SCALAR:
         g = load_gate_rows(log_g, stride_g_t, t0, T, C)
         b = tl.cumsum(g, 0)
@@ -188,13 +190,17 @@ def chunk_intra_grads_kernel(
     stride_g_b, stride_g_h, stride_g_t,
     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
 ):
-    """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i,
-    dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into
-    float32 [B·H, N·C, D_k] buffers that ``chunk_dqkg_kernel`` adds. BK covers all of D_k, every tile has
-    SUB rows. Earlier (later) sub-chunks meet sub-chunk i through b at its start (end), one [SUB, SUB]
-    block of dA at a time; the diagonal block goes one row at a time, every operand a vector load, so no
-    reductions."""
-    i_n, i_bh, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i and
+    channels k0 … k0+BK−1, dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and
+    dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into float32 [B·H, N·C, D_k] buffers that
+    ``chunk_dqkg_kernel`` adds. Every channel's terms are independent, so programs split D_k. Keys before
+    the sub-chunk meet it through r = b at the row before it, queries after it through e = b at its last
+    row, each in one [SUB, C] × [C, BK] dot with the chunk's other rows masked out of dA (exponents
+    clamped at 0, so the masked rows stay finite); the diagonal block takes all its (t, s, channel) terms
+    at once (``diagonal_decay``). No step waits on the one before it (a per-sub-chunk chain of loads and
+    dots left the kernel latency-bound)."""
+    i_n, i_bh, i_sk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, k0 = i_sk // tl.cdiv(K, BK), (i_sk % tl.cdiv(K, BK)) * BK
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
     k += i_b * stride_k_b + i_h * stride_k_h
@@ -205,46 +211,28 @@ def chunk_intra_grads_kernel(
     dqi += (i_bh.to(tl.int64) * N * C + ts) * K
     dki += (i_bh.to(tl.int64) * N * C + ts) * K
     dt = q.dtype.element_ty
-    sub, cols = tl.arange(0, SUB), tl.arange(0, BK)
+    sub, rows, cols = tl.arange(0, SUB), tl.arange(0, C), k0 + tl.arange(0, BK)
 
-    g_i = load_tile(log_g, stride_g_t, ts, T, 0, K, SUB, BK).to(tl.float32)
-    c, total = tl.cumsum(g_i, 0), tl.sum(g_i, 0)  # b − r in sub-chunk i (r = b before it), and at its end
-    dq = tl.zeros([SUB, BK], dtype=tl.float32)
-    to_r = tl.zeros([BK], dtype=tl.float32)  # r − b at the end of sub-chunk j, ≤ 0
-    for jj in tl.static_range(C // SUB):  # keys of sub-chunks j = i−1 … 0
-        j = C // SUB - 1 - jj
-        if j < i:
-            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
-            total_j = tl.sum(g_j, 0)
-            k_j = load_tile(k, stride_k_t, t0 + j * SUB, T, 0, K, SUB, BK)
-            k_to_r = (k_j * tl.exp(to_r[None, :] + total_j[None, :] - tl.cumsum(g_j, 0))).to(dt)
-            da_ij = tl.load(da + (i * SUB + sub)[:, None] * C + j * SUB + sub[None, :])  # dA[t, s]
-            dq += tl.dot(da_ij.to(dt), k_to_r, input_precision="ieee")
-            to_r += total_j
-    dq *= tl.exp(c)
-    dk = tl.zeros([SUB, BK], dtype=tl.float32)
-    from_end = tl.zeros([BK], dtype=tl.float32)  # b at the start of sub-chunk j − b at the end of i, ≤ 0
-    for j in tl.static_range(C // SUB):  # queries of sub-chunks j = i+1 …
-        if j > i:
-            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
-            q_j = load_tile(q, stride_q_t, t0 + j * SUB, T, 0, K, SUB, BK)
-            q_from_end = (q_j * tl.exp(from_end[None, :] + tl.cumsum(g_j, 0))).to(dt)
-            da_ji = tl.load(da + (j * SUB + sub[None, :]) * C + i * SUB + sub[:, None])  # dA[t, s] as [s, t]
-            dk += tl.dot(da_ji.to(dt), q_from_end, input_precision="ieee")
-            from_end += tl.sum(g_j, 0)
-    dk *= tl.exp(total[None, :] - c)
-    c_s = tl.zeros([BK], dtype=tl.float32)
-    for s in range(SUB):  # diagonal block: row s as the key of dq's pairs and the query of dk's
-        k_s = load_row(k, stride_k_t, ts + s, T, K, BK)
-        q_s = load_row(q, stride_q_t, ts + s, T, K, BK)
-        c_s += load_row(log_g, stride_g_t, ts + s, T, K, BK)
-        da_col = tl.load(da + (i * SUB + sub) * C + i * SUB + s)  # dA[t, s]
-        da_row = tl.load(da + (i * SUB + s) * C + i * SUB + sub)  # dA[s, u]
-        dq += da_col[:, None] * tl.exp(tl.where(sub[:, None] >= s, c - c_s[None, :], float("-inf"))) * k_s[None, :]
-        dk += da_row[:, None] * tl.exp(tl.where(sub[:, None] <= s, c_s[None, :] - c, float("-inf"))) * q_s[None, :]
+    b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+    r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
+                 0.0)  # b at the row before sub-chunk i
+    e = load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C)  # b at its last row
+    c = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C) - r[None, :]  # b − r in it
+    k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
+    da_left = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :], mask=rows[None, :] < i * SUB, other=0.0)
+    dq = tl.dot(da_left.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(c)
+    q_e = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - e[None, :], 0.0))
+    da_below = tl.load(da + rows[None, :] * C + i * SUB + sub[:, None], mask=rows[None, :] >= (i + 1) * SUB,
+                       other=0.0)  # dA[t, s] as [s, t]
+    dk = tl.dot(da_below.to(dt), q_e.to(dt), input_precision="ieee") * tl.exp((e - r)[None, :] - c)
+    # diagonal block: w[t, s, j] = dA_ts exp(b_tj − b_sj), t ≥ s
+    w = tl.load(da + (i * SUB + sub)[:, None] * C + i * SUB + sub[None, :])[:, :, None] * diagonal_decay(
+        log_g, stride_g_t, ts, T, k0, K, BK, C)
+    k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+    q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK).to(tl.float32)
     mask = cols[None, :] < K
-    tl.store(dqi + sub[:, None] * K + cols[None, :], dq, mask=mask)
-    tl.store(dki + sub[:, None] * K + cols[None, :], dk, mask=mask)
+    tl.store(dqi + sub[:, None] * K + cols[None, :], dq + tl.sum(w * k_i[None, :, :], 1), mask=mask)
+    tl.store(dki + sub[:, None] * K + cols[None, :], dk + tl.sum(w * q_i[:, None, :], 0), mask=mask)
 
 
 @triton.jit
@@ -301,11 +289,11 @@ def chunk_dqkg_kernel(
     q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
     k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
     if GATE == GATE_CHANNEL:
-        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-        b = tl.cumsum(g, 0)
+        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+        b_last = load_cumulative_row(log_g, stride_g_t, t0 + C - 1, T, k0, K, BK, C)
         intra = (i_bh.to(tl.int64) * N + i_n) * C * K
         dq_n = scale * tl.exp(b) * dq_n + load_tile(dqi + intra, K, 0, C, k0, K, C, BK)
-        dk_n = tl.exp(tl.sum(g, 0)[None, :] - b) * dk_n + load_tile(dki + intra, K, 0, C, k0, K, C, BK)
+        dk_n = tl.exp(b_last[None, :] - b) * dk_n + load_tile(dki + intra, K, 0, C, k0, K, C, BK)
     else:
         causal = rows[:, None] >= rows[None, :]
         if GATE == GATE_SCALAR:

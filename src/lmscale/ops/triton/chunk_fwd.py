@@ -1,8 +1,10 @@
 """Forward kernels of the chunked gated linear recurrence, and the tile helpers the backward shares.
 
 Notation (per batch·head, chunk n of C positions t = 0 … C−1): b_t = Σ_{u≤t} log g_u, the cumulative log
-decay from the chunk start, computed in every kernel with ``tl.cumsum`` (no cumsum pass to memory);
-h_n = the state entering chunk n. Two passes:
+decay from the chunk start; h_n = the state entering chunk n. Per-head gates compute b in each kernel
+with ``tl.cumsum`` over C values; per-channel gates get it from one pass to memory first
+(``chunk_cumsum_kernel``, float32, kept for the backward), because a scan across the rows of a
+[C, D_k] tile inside every kernel's loop cost more than reading it. Two passes:
 
 1. ``chunk_states_kernel``, grid (B·H, ⌈D_k/BK⌉, ⌈D_v/BV⌉), sequential over the N chunks:
        h_{n+1} = diag(exp(b_L)) h_n + (k ⊙ exp(b_L − b))ᵀ v        (L = the chunk's last row)
@@ -24,10 +26,9 @@ underflow to 0, which is also their true value to float32 precision):
   sub-chunk of SUB = 16 rows over all of D_k, and the output kernel reads it: o = (q ⊙ exp(b)) h_n + A v,
   plain dots. Query sub-chunk i meets every earlier key through r = b at the last row of sub-chunk i−1:
   (q ⊙ exp(b − r)) (k ⊙ exp(r − b))ᵀ, both ≤ 0 since b never increases; pairs inside sub-chunk i take the
-  exact per-channel decay, one key row at a time (the key's row and gate read straight from memory, no
-  reductions to extract them): C·SUB·D_k exps per chunk, the kernel's elementwise cost. Splitting A out
-  keeps the output kernel's tiles at C rows (16-row tiles waste the tensor cores) and lets the scores
-  kernel hold all of D_k, so no K loop reloads and re-cumsums the gates.
+  exact per-channel decay, as a [SUB, SUB, channels] cube (``diagonal_decay``): C·SUB·D_k exps per chunk,
+  the kernel's elementwise cost. Splitting A out keeps the output kernel's tiles at C rows (16-row tiles
+  waste the tensor cores).
 """
 
 from __future__ import annotations
@@ -94,6 +95,36 @@ def load_row(x, stride_t, t, T, D, W: tl.constexpr):
 
 
 @triton.jit
+def load_cumulative(b, stride_t, t0, T, c0, D, R: tl.constexpr, W: tl.constexpr, C: tl.constexpr):
+    """Rows t0 … t0+R−1, columns c0 … c0+W−1 of per-channel gates' in-chunk cumulative log decays b
+    (``chunk_cumsum_kernel``'s float32 buffer, whose rows past T repeat the last one: no decay there)."""
+    return load_tile(b, stride_t, t0, tl.cdiv(T, C) * C, c0, D, R, W)
+
+
+@triton.jit
+def load_cumulative_row(b, stride_t, t, T, c0, D, W: tl.constexpr, C: tl.constexpr):
+    """Row t, columns c0 … c0+W−1 of the cumulative log decays b (see ``load_cumulative``)."""
+    return load_row(b + c0, stride_t, t, tl.cdiv(T, C) * C, D - c0, W)
+
+
+@triton.jit
+def chunk_cumsum_kernel(
+    log_g, b, T, N, H, stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-channel gates, before every other kernel: b_t = Σ_{u≤t in the chunk} log g_u into float32
+    [B, H, N·C, D_k] (log g = 0 past T, so rows past T repeat the last). The other kernels read b instead
+    of log g: a scan across a tile's rows inside their loops cost more than this one pass."""
+    i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    b += (i_bh.to(tl.int64) * N + i_n) * C * K
+    t0, k0 = i_n * C, i_k * BK
+    g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
+    store_tile(b, K, 0, C, k0, K, tl.cumsum(g, 0), C, BK)
+
+
+@triton.jit
 def state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, t0, T, k0, v0, state,
                K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr):
@@ -101,8 +132,8 @@ def state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, t0, T, k0, v0, s
     k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
     v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
     if GATE == GATE_CHANNEL:
-        g = load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32)
-        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
+        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+        b_last = load_cumulative_row(log_g, stride_g_t, t0 + C - 1, T, k0, K, BK, C)
         k_n = (k_n * tl.exp(b_last[None, :] - b)).to(k_n.dtype)
         state *= tl.exp(b_last)[:, None]
     elif GATE == GATE_SCALAR:
@@ -156,11 +187,16 @@ def chunk_scores_kernel(
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr,
 ):
-    """Per-channel gates: rows of query sub-chunk i of the chunk's A (float32 [C, C]; blocks above the
-    diagonal are left unwritten, readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
-    BK covers all of D_k; every tile has SUB rows (whole-chunk [C, D_k] float32 tiles spill)."""
+    """Per-channel gates: rows of query sub-chunk i of the chunk's A ([C, C] in a's dtype, the input
+    dtype: the readers cast A to it for their dots anyway; blocks above the diagonal are left unwritten,
+    readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
+
+    Keys before the sub-chunk meet its queries through r = b at the row before it, in one [SUB, C] dot
+    per K block of BK: (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, 0)))ᵀ, stored left of the diagonal only (the
+    clamp keeps the unstored keys finite). The diagonal block takes DK channels at a time. No step waits
+    on the one before it: a chain of per-row or per-sub-chunk steps left the kernel latency-bound."""
     i_n, i_bh, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
@@ -170,28 +206,37 @@ def chunk_scores_kernel(
     t0 = i_n * C
     ts = t0 + i * SUB  # first row of query sub-chunk i
     dt = q.dtype.element_ty
-    sub = tl.arange(0, SUB)
+    sub, rows = tl.arange(0, SUB), tl.arange(0, C)
 
-    c = tl.cumsum(load_tile(log_g, stride_g_t, ts, T, 0, K, SUB, BK).to(tl.float32), 0)  # b − r in sub-chunk i
-    q_i = load_tile(q, stride_q_t, ts, T, 0, K, SUB, BK).to(tl.float32)
-    q_from_r = (q_i * tl.exp(c)).to(dt)
-    to_r = tl.zeros([BK], dtype=tl.float32)  # r − b at the end of sub-chunk j, ≤ 0
-    for jj in tl.static_range(C // SUB):  # keys of sub-chunks j = i−1 … 0, one [SUB, SUB] block each
-        j = C // SUB - 1 - jj
-        if j < i:
-            g_j = load_tile(log_g, stride_g_t, t0 + j * SUB, T, 0, K, SUB, BK).to(tl.float32)
-            total_j = tl.sum(g_j, 0)
-            k_j = load_tile(k, stride_k_t, t0 + j * SUB, T, 0, K, SUB, BK)
-            k_to_r = (k_j * tl.exp(to_r[None, :] + total_j[None, :] - tl.cumsum(g_j, 0))).to(dt)
-            block = tl.dot(q_from_r, tl.trans(k_to_r), input_precision="ieee")
-            tl.store(a + sub[:, None] * C + j * SUB + sub[None, :], block)
-            to_r += total_j
-    c_s = tl.zeros([BK], dtype=tl.float32)
-    for s in range(SUB):  # diagonal block, one key column at a time
-        k_s = load_row(k, stride_k_t, ts + s, T, K, BK)
-        c_s += load_row(log_g, stride_g_t, ts + s, T, K, BK)
-        decay = tl.exp(tl.where(sub[:, None] >= s, c - c_s[None, :], float("-inf")))  # masked before exp
-        tl.store(a + sub * C + i * SUB + s, tl.sum(q_i * decay * k_s[None, :], 1))
+    left = tl.zeros([SUB, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        # r = b at the row before sub-chunk i (none for i = 0: its keys are all on the diagonal)
+        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C), 0.0)
+        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
+        b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
+        q_r = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK) * tl.exp(b_i - r[None, :])
+        left += tl.dot(q_r.to(dt), tl.trans(k_r.to(dt)), input_precision="ieee")
+    tl.store(a + sub[:, None] * C + rows[None, :], left.to(a.dtype.element_ty), mask=rows[None, :] < i * SUB)
+    diag = tl.zeros([SUB, SUB], dtype=tl.float32)
+    for k0 in range(0, K, DK):  # diagonal block: every (t, s, channel) term at once, DK channels a step
+        q_d = load_tile(q, stride_q_t, ts, T, k0, K, SUB, DK).to(tl.float32)
+        k_d = load_tile(k, stride_k_t, ts, T, k0, K, SUB, DK).to(tl.float32)
+        decay = diagonal_decay(log_g, stride_g_t, ts, T, k0, K, DK, C)
+        diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * decay, 2)
+    tl.store(a + sub[:, None] * C + i * SUB + sub[None, :], diag.to(a.dtype.element_ty))
+
+
+@triton.jit
+def diagonal_decay(b, stride_t, ts, T, k0, K, DK: tl.constexpr, C: tl.constexpr):
+    """exp(b_tj − b_sj) for rows t, s of the sub-chunk starting at ts and channels k0 … k0+DK−1, masked
+    to t ≥ s before exp (so every exponent is ≤ 0): float32 [SUB, SUB, DK], indexed [t, s, j]. Forming
+    the whole cube keeps the diagonal block free of a serial per-row chain (each row's load, exp and
+    reduction waiting on the last), which made the row-at-a-time version latency-bound."""
+    c = load_cumulative(b, stride_t, ts, T, k0, K, SUB, DK, C)
+    sub = tl.arange(0, SUB)
+    causal = (sub[:, None] >= sub[None, :])[:, :, None]
+    return tl.exp(tl.where(causal, c[:, None, :] - c[None, :, :], float("-inf")))
 
 
 @triton.jit
@@ -224,8 +269,7 @@ def chunk_output_kernel(
         q_n = load_tile(q, stride_q_t, t0, T, k0, K, C, BK)
         h_n = load_state(h, k0, K, v0, V, BK, BV)
         if GATE == GATE_CHANNEL:
-            b = tl.cumsum(load_tile(log_g, stride_g_t, t0, T, k0, K, C, BK).to(tl.float32), 0)
-            q_n = (q_n * tl.exp(b)).to(dt)
+            q_n = (q_n * tl.exp(load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C))).to(dt)
         else:
             k_n = load_tile(k, stride_k_t, t0, T, k0, K, C, BK)
             scores += tl.dot(q_n, tl.trans(k_n), input_precision="ieee")
@@ -233,7 +277,7 @@ def chunk_output_kernel(
     causal = rows[:, None] >= rows[None, :]
     if GATE == GATE_CHANNEL:
         a += (i_bh.to(tl.int64) * N + i_n) * C * C
-        scores = tl.load(a + rows[:, None] * C + rows[None, :], mask=causal, other=0.0)
+        scores = tl.load(a + rows[:, None] * C + rows[None, :], mask=causal, other=0.0).to(tl.float32)
     elif GATE == GATE_SCALAR:
         b = tl.cumsum(load_gate_rows(log_g, stride_g_t, t0, T, C), 0)
         acc *= tl.exp(b)[:, None]
