@@ -19,6 +19,7 @@ from lmscale.ops.gated_recurrence import naive_gated_recurrence
 from lmscale.ops.triton import chunk as triton_chunk_module
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import chunk_gated_recurrence
+from lmscale.ops.triton.chunk_fwd import GATE_CHANNEL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INPUT_NAMES = ("q", "k", "v", "log_g", "initial_state")
@@ -116,6 +117,18 @@ def test_strong_decays_stay_finite(gate):
     inputs = make_inputs(2, 1, 96, 16, 16, gate, min_log_g=-5.0)
     got = run(chunk_gated_recurrence, inputs, chunk_size=64)
     assert_all_close(got, reference(inputs))
+
+
+def test_steep_sub_chunks_take_the_exact_kernels_and_mild_ones_the_tensor_core_form():
+    """Per-channel gates: a sub-chunk of 16 rows whose decay exceeds MAX_SPREAD (e^40) is flagged and
+    redone by the exact kernels, the others keep the tensor-core form; one input holding both kinds, in
+    one chunk and across chunks, matches the reference everywhere."""
+    inputs = make_inputs(1, 2, 80, 16, 16, "channel")
+    inputs["log_g"][:, :, 40:] *= 20  # ≈ −16 per step from row 40 on
+    cumulative = triton_chunk_module._chunk_cumulative(inputs["log_g"], 32)
+    _, steep = triton_chunk_module._chunk_scores(inputs["q"], inputs["k"], cumulative, GATE_CHANNEL.value, 32)
+    assert 0 < int(steep.sum()) < steep.numel()
+    assert_all_close(run(chunk_gated_recurrence, inputs, chunk_size=32), reference(inputs))
 
 
 @pytest.mark.parametrize("use_output, use_final_state", [(True, False), (False, True)],

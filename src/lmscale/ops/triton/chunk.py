@@ -33,6 +33,7 @@ from lmscale.ops.triton.chunk_bwd import (
     chunk_dqkg_kernel,
     chunk_dscores_kernel,
     chunk_dv_kernel,
+    chunk_intra_grads_exact_kernel,
     chunk_intra_grads_kernel,
     chunk_state_grads_kernel,
 )
@@ -43,6 +44,7 @@ from lmscale.ops.triton.chunk_fwd import (
     SUB,
     chunk_cumsum_kernel,
     chunk_output_kernel,
+    chunk_scores_exact_kernel,
     chunk_scores_kernel,
     chunk_states_kernel,
 )
@@ -59,11 +61,13 @@ SCORES_BLOCK_V = 128
 # spills (4 warps spill in the per-channel kernels; 3 stages double the shared memory of the output and
 # dv kernels to 128 KiB, one program per SM). Not yet timed against other settings.
 LAUNCH = {"num_warps": 8, "num_stages": 2}
-# The per-channel sub-chunk kernels (16-row tiles) form their diagonal block as a [16, 16, channels]
-# cube, DIAG_BLOCK channels at a time (the scores kernel loops over them; the intra-gradient kernel's
-# programs split D_k into blocks of that width).
+# The per-channel sub-chunk kernels (16-row tiles) use tensor cores for every pair; the exact ones, for
+# sub-chunks too steep for that, form their diagonal block as a [16, 16, channels] cube, DIAG_BLOCK
+# channels at a time (the scores kernel loops over them; the intra-gradient kernel's programs split D_k
+# into blocks of that width).
 DIAG_BLOCK = 32
-SUB_LAUNCH = {"num_warps": 2, "num_stages": 2}
+SUB_LAUNCH = {"num_warps": 4, "num_stages": 2}
+EXACT_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
 def chunk_gated_recurrence(
@@ -104,9 +108,9 @@ class ChunkGatedRecurrence(torch.autograd.Function):
             ctx.log_g_layout = log_g.shape, log_g.stride(), log_g.dtype
             log_g = _chunk_cumulative(log_g, chunk_size)
         states = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
-        scores = _chunk_scores(q, k, log_g, gate, chunk_size)
+        scores, steep = _chunk_scores(q, k, log_g, gate, chunk_size)
         o = _chunk_output(q, k, v, log_g, scores, states, scale, gate, chunk_size)
-        ctx.save_for_backward(q, k, v, log_g, initial_state, scores)
+        ctx.save_for_backward(q, k, v, log_g, initial_state, scores, steep)
         ctx.scale, ctx.chunk_size, ctx.gate = scale, chunk_size, gate
         ctx.set_materialize_grads(False)
         final_state = states.unflatten(0, q.shape[:2])[:, :, -1].clone()
@@ -114,7 +118,7 @@ class ChunkGatedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_final_state):
-        q, k, v, log_g, initial_state, scores = ctx.saved_tensors
+        q, k, v, log_g, initial_state, scores, steep = ctx.saved_tensors
         scale, C, gate = ctx.scale, ctx.chunk_size, ctx.gate
         if do is None:  # only the final state reached the loss
             do = torch.zeros_like(v, dtype=q.dtype)
@@ -124,7 +128,7 @@ class ChunkGatedRecurrence(torch.autograd.Function):
             states = _chunk_states(k, v, log_g, initial_state, gate, C)
             d_states, d_initial = _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C)
             dv = _chunk_dv(q, k, v, log_g, scores, do, d_states, scale, gate, C)
-            intra = _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C)
+            intra = _chunk_intra_grads(q, k, v, log_g, steep, do, scale, gate, C)
             dq, dk, d_log_g = _chunk_dqkg(q, k, v, log_g, do, states, d_states, intra, scale, gate, C, need_dg,
                                           ctx.log_g_layout)
         d_initial_state = None
@@ -160,18 +164,20 @@ def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
     return states
 
 
-def _chunk_scores(q, k, log_g, gate, C) -> Tensor | None:
-    """Per-channel gates: the intra-chunk scores A, [B·H, N, C, C] in q's dtype (None for other gates)."""
+def _chunk_scores(q, k, log_g, gate, C) -> tuple[Tensor | None, Tensor | None]:
+    """Per-channel gates: the intra-chunk scores A, [B·H, N, C, C] in q's dtype, and the flags of the
+    sub-chunks too steep for the tensor-core form, int8 [B·H, N, C/SUB] (None, None for other gates)."""
     if gate != GATE_CHANNEL.value:
-        return None
+        return None, None
     B, H, T, K = q.shape
     N = triton.cdiv(T, C)
     scores = q.new_empty(B * H, N, C, C)
-    chunk_scores_kernel[(N, B * H, C // SUB.value)](
-        q, k, log_g, scores, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
-        K=K, C=C, BK=_block(K), DK=_block(K, DIAG_BLOCK), **SUB_LAUNCH,
-    )
-    return scores
+    steep = q.new_empty(B * H, N, C // SUB.value, dtype=torch.int8)
+    args = (q, k, log_g, scores, steep, T, N, H, *_strides(q), *_strides(k), *_strides(log_g))
+    grid = (C // SUB.value, N, B * H)  # a chunk's sub-chunks side by side: they share its keys in L2
+    chunk_scores_kernel[grid](*args, K=K, C=C, BK=_block(K), **SUB_LAUNCH)
+    chunk_scores_exact_kernel[grid](*args, K=K, C=C, BK=_block(K), DK=_block(K, DIAG_BLOCK), **EXACT_LAUNCH)
+    return scores, steep
 
 
 def _chunk_output(q, k, v, log_g, scores, states, scale, gate, C) -> Tensor:
@@ -221,7 +227,7 @@ def _chunk_dv(q, k, v, log_g, scores, do, d_states, scale, gate, C) -> Tensor:
     return dv
 
 
-def _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C) -> tuple[Tensor, Tensor] | None:
+def _chunk_intra_grads(q, k, v, log_g, steep, do, scale, gate, C) -> tuple[Tensor, Tensor] | None:
     """Per-channel gates, pass 5a–b: the intra-chunk parts of dq and dk, float32 [B·H, N·C, D_k] each
     (None for other gates)."""
     if gate != GATE_CHANNEL.value:
@@ -233,11 +239,13 @@ def _chunk_intra_grads(q, k, v, log_g, do, scale, gate, C) -> tuple[Tensor, Tens
         v, do, d_scores, scale, T, N, H, *_strides(v), *_strides(do), V=V, C=C, BV=_block(V), **LAUNCH,
     )
     dq, dk = (q.new_empty(B * H, N * C, K, dtype=torch.float32) for _ in range(2))
+    args = (q, k, log_g, d_scores, steep, dq, dk, T, N, H, *_strides(q), *_strides(k), *_strides(log_g))
+    BK = _block(K)
+    chunk_intra_grads_kernel[(C // SUB.value * triton.cdiv(K, BK), N, B * H)](
+        *args, K=K, C=C, BK=BK, **SUB_LAUNCH)
     BK = _block(K, DIAG_BLOCK)
-    chunk_intra_grads_kernel[(N, B * H, C // SUB.value * triton.cdiv(K, BK))](
-        q, k, log_g, d_scores, dq, dk, T, N, H, *_strides(q), *_strides(k), *_strides(log_g),
-        K=K, C=C, BK=BK, **SUB_LAUNCH,
-    )
+    chunk_intra_grads_exact_kernel[(C // SUB.value * triton.cdiv(K, BK), N, B * H)](
+        *args, K=K, C=C, BK=BK, **EXACT_LAUNCH)
     return dq, dk
 
 

@@ -36,6 +36,7 @@ import triton.language as tl
 from lmscale.ops.triton.chunk_fwd import (
     GATE_CHANNEL,
     GATE_SCALAR,
+    MAX_SPREAD,
     SUB,
     diagonal_decay,
     load_cumulative,
@@ -184,7 +185,7 @@ def chunk_dscores_kernel(
 
 @triton.jit
 def chunk_intra_grads_kernel(
-    q, k, log_g, da, dqi, dki, T, N, H,
+    q, k, log_g, da, steep, dqi, dki, T, N, H,
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
@@ -193,14 +194,60 @@ def chunk_intra_grads_kernel(
     """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i and
     channels k0 … k0+BK−1, dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and
     dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into float32 [B·H, N·C, D_k] buffers that
-    ``chunk_dqkg_kernel`` adds. Every channel's terms are independent, so programs split D_k. Keys before
-    the sub-chunk meet it through r = b at the row before it, queries after it through e = b at its last
-    row, each in one [SUB, C] × [C, BK] dot with the chunk's other rows masked out of dA (exponents
-    clamped at 0, so the masked rows stay finite); the diagonal block takes all its (t, s, channel) terms
-    at once (``diagonal_decay``). No step waits on the one before it (a per-sub-chunk chain of loads and
-    dots left the kernel latency-bound)."""
-    i_n, i_bh, i_sk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ``chunk_dqkg_kernel`` adds. Every channel's terms are independent, so programs split D_k. Both go
+    through r = b at the row before the sub-chunk, one [SUB, C] × [C, BK] tensor-core dot each:
+    dq_i = exp(b_i − r) ⊙ dA_i,: (k ⊙ exp(min(r − b, MAX_SPREAD))) and
+    dk_i = exp(min(r − b_i, MAX_SPREAD)) ⊙ dA_:,iᵀ (q ⊙ exp(min(b − r, 0))), exact wherever the
+    sub-chunk's decay spread is ≤ MAX_SPREAD (dA is 0 above the diagonal, where the clamps act). Steeper
+    sub-chunks (``steep``, flagged by the forward's ``chunk_scores_kernel``) are redone by
+    ``chunk_intra_grads_exact_kernel``."""
+    i_sk, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i, k0 = i_sk // tl.cdiv(K, BK), (i_sk % tl.cdiv(K, BK)) * BK
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    da += (i_bh.to(tl.int64) * N + i_n) * C * C
+    t0 = i_n * C
+    ts = t0 + i * SUB  # first row of sub-chunk i
+    dqi += (i_bh.to(tl.int64) * N * C + ts) * K
+    dki += (i_bh.to(tl.int64) * N * C + ts) * K
+    dt = q.dtype.element_ty
+    sub, rows, cols = tl.arange(0, SUB), tl.arange(0, C), k0 + tl.arange(0, BK)
+
+    b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+    r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
+                 0.0)  # b at the row before sub-chunk i
+    b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
+    k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, MAX_SPREAD))
+    da_rows = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :])  # dA[t, s], t in sub-chunk i
+    dq = tl.dot(da_rows.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(b_i - r[None, :])
+    q_r = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - r[None, :], 0.0))
+    da_cols = tl.load(da + rows[:, None] * C + i * SUB + sub[None, :])  # dA[t, s], s in sub-chunk i
+    dk = tl.dot(tl.trans(da_cols).to(dt), q_r.to(dt), input_precision="ieee")
+    dk *= tl.exp(tl.minimum(r[None, :] - b_i, MAX_SPREAD))
+    mask = cols[None, :] < K
+    tl.store(dqi + sub[:, None] * K + cols[None, :], dq, mask=mask)
+    tl.store(dki + sub[:, None] * K + cols[None, :], dk, mask=mask)
+
+
+@triton.jit
+def chunk_intra_grads_exact_kernel(
+    q, k, log_g, da, steep, dqi, dki, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-channel gates, after ``chunk_intra_grads_kernel``: redoes the sub-chunks flagged steep with
+    every exponent ≤ 0 (other programs return at once). Keys before the sub-chunk meet it through r = b
+    at the row before it, queries after it through e = b at its last row, each in one [SUB, C] × [C, BK]
+    dot with the chunk's other rows masked out of dA (exponents clamped at 0, so the masked rows stay
+    finite); the diagonal block takes all its (t, s, channel) terms at once (``diagonal_decay``)."""
+    i_sk, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, k0 = i_sk // tl.cdiv(K, BK), (i_sk % tl.cdiv(K, BK)) * BK
+    if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
+        return
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
     k += i_b * stride_k_b + i_h * stride_k_h

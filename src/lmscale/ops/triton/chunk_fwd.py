@@ -40,6 +40,10 @@ import triton.language as tl
 # The GATE constexpr: log_g None, [B, H, T] (per head) or [B, H, T, D_k] (per channel).
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SUB = tl.constexpr(16)  # sub-chunk length for per-channel gates: the smallest side tl.dot takes
+# Per-channel gates: the largest log decay inside one sub-chunk that its tensor-core form takes (keys
+# scaled by up to e^40, queries by down to e^−40, both within bf16's and float32's range with room for
+# products); steeper sub-chunks take the exact form, every exponent ≤ 0.
+MAX_SPREAD = tl.constexpr(40.0)
 # INTERPRET_LOOP_NOTE: the sequential kernels loop over a runtime number of chunks. Triton 3.6's CPU
 # interpreter turns `for n in range(N)` into int() of a one-element array, which NumPy ≥ 2.4 refuses, so
 # under the interpreter (INTERPRET=True) they loop with `while`; on the GPU `for` lets Triton pipeline
@@ -183,21 +187,65 @@ def chunk_states_kernel(
 
 @triton.jit
 def chunk_scores_kernel(
-    q, k, log_g, a, T, N, H,
+    q, k, log_g, a, steep, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_g_b, stride_g_h, stride_g_t,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-channel gates: rows of query sub-chunk i of the chunk's A ([C, C] in a's dtype, the input
+    dtype: the readers cast A to it for their dots anyway; entries above the diagonal are left
+    unwritten, readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
+
+    Every key up to the sub-chunk's end meets its queries through r = b at the row before it, in one
+    [SUB, C] tensor-core dot per K block: (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, MAX_SPREAD)))ᵀ. Keys
+    before the sub-chunk have r − b ≤ 0; keys inside it have r − b ≤ the sub-chunk's decay spread
+    max_j (r_j − b_j at its last row). Where that spread exceeds MAX_SPREAD, the clamp makes the
+    diagonal block wrong (never inf or NaN), so the program sets its ``steep`` flag and
+    ``chunk_scores_exact_kernel`` redoes its rows with every exponent ≤ 0."""
+    i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    log_g += i_b * stride_g_b + i_h * stride_g_h
+    a += ((i_bh.to(tl.int64) * N + i_n) * C + i * SUB) * C  # row i·SUB of this chunk's A
+    t0 = i_n * C
+    ts = t0 + i * SUB  # first row of query sub-chunk i
+    dt = q.dtype.element_ty
+    sub, rows = tl.arange(0, SUB), tl.arange(0, C)
+
+    scores = tl.zeros([SUB, C], dtype=tl.float32)
+    spread = 0.0
+    for k0 in range(0, K, BK):
+        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C), 0.0)
+        spread = tl.maximum(spread, tl.max(r - load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C), 0))
+        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, MAX_SPREAD))
+        b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
+        q_r = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK) * tl.exp(b_i - r[None, :])
+        scores += tl.dot(q_r.to(dt), tl.trans(k_r.to(dt)), input_precision="ieee")
+    tl.store(a + sub[:, None] * C + rows[None, :], scores.to(a.dtype.element_ty),
+             mask=rows[None, :] <= i * SUB + sub[:, None])
+    tl.store(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i, (spread > MAX_SPREAD).to(tl.int8))
+
+
+@triton.jit
+def chunk_scores_exact_kernel(
+    q, k, log_g, a, steep, T, N, H,
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr,
 ):
-    """Per-channel gates: rows of query sub-chunk i of the chunk's A ([C, C] in a's dtype, the input
-    dtype: the readers cast A to it for their dots anyway; blocks above the diagonal are left unwritten,
-    readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
-
-    Keys before the sub-chunk meet its queries through r = b at the row before it, in one [SUB, C] dot
-    per K block of BK: (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, 0)))ᵀ, stored left of the diagonal only (the
-    clamp keeps the unstored keys finite). The diagonal block takes DK channels at a time. No step waits
-    on the one before it: a chain of per-row or per-sub-chunk steps left the kernel latency-bound."""
-    i_n, i_bh, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Per-channel gates, after ``chunk_scores_kernel``: redoes the rows of the sub-chunks it flagged
+    steep, with every exponent ≤ 0 (other programs return at once). Keys before the sub-chunk meet its
+    queries through r = b at the row before it, in one [SUB, C] dot per K block of BK:
+    (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, 0)))ᵀ, stored left of the diagonal only (the clamp keeps the
+    unstored keys finite); the diagonal block takes every (t, s, channel) term at once, DK channels at a
+    time, masked before exp."""
+    i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
+        return
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
     k += i_b * stride_k_b + i_h * stride_k_h
