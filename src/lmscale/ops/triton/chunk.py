@@ -6,18 +6,22 @@
 forward   states (``chunk_fwd.chunk_states_kernel``) → outputs (``chunk_output_kernel``);
 backward  states again → state gradients (``chunk_bwd.chunk_state_grads_kernel``) → dv
           (``chunk_dv_kernel``) → dq, dk, d log g (``chunk_dqkg_kernel``).
-Per-channel gates add the intra-chunk score matrix A (``chunk_scores_kernel``, before the outputs and
-again before dv) and its gradient's intra-chunk dq, dk parts (``chunk_dscores_kernel`` →
-``chunk_intra_grads_kernel``, before dq, dk); each is float32 [B·H, N, C, C] or [B·H, N·C, D_k], alive
-for one pass.
+Per-channel gates first write their in-chunk cumulative sums (``chunk_cumsum_kernel``, float32, read by
+every later kernel instead of log g) and add the intra-chunk score matrix A (``chunk_scores_kernel``,
+before the outputs, kept for dv) and its gradient's intra-chunk dq, dk parts
+(``chunk_dscores_kernel`` → ``chunk_intra_grads_kernel``, before dq, dk; float32 [B·H, N·C, D_k], alive
+for one pass). Sub-chunks whose decay is too steep for the tensor-core form of those two are flagged
+and redone by their ``*_exact_kernel``.
 
-Only q, k, v, log g and the initial state are kept for the backward: the chunk states (N+1 float32
-[D_k, D_v] per head, ≈4× the size of q at D = 128, C = 64, bf16) are recomputed, one pass over k and v.
+Kept for the backward: q, k, v, the cumulative gates (or log g), the initial state, A and the steep
+flags. The chunk states (N+1 [D_k, D_v] per head, stored in the input dtype: ≈2× the size of q at
+D = 128, C = 64, bf16) are recomputed, one pass over k and v.
 
 Tensors may be any strided [B, H, T, D] views with unit stride along D — in particular
 ``x.view(B, T, H, D).transpose(1, 2)`` — and nothing is copied; o, dq, dk, dv are allocated with the
 memory layout of v, q, k, v so the caller's transpose back is free. Inputs are float32 (dot products in
-IEEE float32) or bfloat16 (bf16 tensor-core dot operands, float32 accumulation and states).
+IEEE float32) or bfloat16 (bf16 tensor-core dot operands, float32 accumulation and recurrences; the
+stored chunk states and their gradients are bf16 then, as they are only read as dot operands).
 """
 
 from __future__ import annotations
@@ -107,14 +111,13 @@ class ChunkGatedRecurrence(torch.autograd.Function):
         if gate == GATE_CHANNEL.value:  # the kernels read in-chunk cumulative sums in place of log g
             ctx.log_g_layout = log_g.shape, log_g.stride(), log_g.dtype
             log_g = _chunk_cumulative(log_g, chunk_size)
-        states = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
+        states, final_state = _chunk_states(k, v, log_g, initial_state, gate, chunk_size)
         scores, steep = _chunk_scores(q, k, log_g, gate, chunk_size)
         o = _chunk_output(q, k, v, log_g, scores, states, scale, gate, chunk_size)
         ctx.save_for_backward(q, k, v, log_g, initial_state, scores, steep)
         ctx.scale, ctx.chunk_size, ctx.gate = scale, chunk_size, gate
         ctx.set_materialize_grads(False)
-        final_state = states.unflatten(0, q.shape[:2])[:, :, -1].clone()
-        return o, final_state
+        return o, final_state.unflatten(0, q.shape[:2])
 
     @staticmethod
     def backward(ctx, do, d_final_state):
@@ -125,7 +128,7 @@ class ChunkGatedRecurrence(torch.autograd.Function):
         do = _unit_last_stride(do.to(q.dtype))
         need_dg = gate != GATE_NONE.value and ctx.needs_input_grad[3]
         with _on_device_of(q):
-            states = _chunk_states(k, v, log_g, initial_state, gate, C)
+            states, _ = _chunk_states(k, v, log_g, initial_state, gate, C)
             d_states, d_initial = _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C)
             dv = _chunk_dv(q, k, v, log_g, scores, do, d_states, scale, gate, C)
             intra = _chunk_intra_grads(q, k, v, log_g, steep, do, scale, gate, C)
@@ -149,19 +152,21 @@ def _chunk_cumulative(log_g, C) -> Tensor:
     return b
 
 
-def _chunk_states(k, v, log_g, initial_state, gate, C) -> Tensor:
-    """Pass 1: states entering each chunk plus the final one, float32 [B·H, N+1, D_k, D_v]."""
+def _chunk_states(k, v, log_g, initial_state, gate, C) -> tuple[Tensor, Tensor]:
+    """Pass 1: states entering each chunk plus the final one, [B·H, N+1, D_k, D_v] in the input dtype,
+    and the final state in float32, [B·H, D_k, D_v]."""
     B, H, T, K = k.shape
     V, N = v.shape[-1], triton.cdiv(T, C)
-    states = k.new_empty(B * H, N + 1, K, V, dtype=torch.float32)
+    states = k.new_empty(B * H, N + 1, K, V)
+    final_state = k.new_empty(B * H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     BK, BV = _block(K), _block(V)
     chunk_states_kernel[(B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
-        k, v, _or(log_g, k), _or(h0, states), states, T, N, H,
+        k, v, _or(log_g, k), _or(h0, states), states, final_state, T, N, H,
         *_strides(k), *_strides(v), *_strides(log_g),
         K=K, V=V, GATE=gate, HAS_H0=h0 is not None, C=C, BK=BK, BV=BV, INTERPRET=interpreting(), **LAUNCH,
     )
-    return states
+    return states, final_state
 
 
 def _chunk_scores(q, k, log_g, gate, C) -> tuple[Tensor | None, Tensor | None]:
@@ -195,11 +200,12 @@ def _chunk_output(q, k, v, log_g, scores, states, scale, gate, C) -> Tensor:
 
 
 def _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C) -> tuple[Tensor, Tensor]:
-    """Pass 3: dS_n, the gradient w.r.t. the state leaving chunk n, float32 [B·H, N, D_k, D_v], and the
-    initial state's gradient, float32 [B·H, D_k, D_v]."""
+    """Pass 3: dS_n, the gradient w.r.t. the state leaving chunk n, [B·H, N, D_k, D_v] in the input
+    dtype (read as dot operands, like the states), and the initial state's gradient, float32
+    [B·H, D_k, D_v]."""
     B, H, T, K = q.shape
     V, N = do.shape[-1], triton.cdiv(T, C)
-    d_states = q.new_empty(B * H, N, K, V, dtype=torch.float32)
+    d_states = q.new_empty(B * H, N, K, V)
     d_initial = q.new_empty(B * H, K, V, dtype=torch.float32)
     if d_final_state is not None:
         d_final_state = d_final_state.float().contiguous()
@@ -244,8 +250,7 @@ def _chunk_intra_grads(q, k, v, log_g, steep, do, scale, gate, C) -> tuple[Tenso
     chunk_intra_grads_kernel[(C // SUB.value * triton.cdiv(K, BK), N, B * H)](
         *args, K=K, C=C, BK=BK, **SUB_LAUNCH)
     BK = _block(K, DIAG_BLOCK)
-    chunk_intra_grads_exact_kernel[(C // SUB.value * triton.cdiv(K, BK), N, B * H)](
-        *args, K=K, C=C, BK=BK, **EXACT_LAUNCH)
+    chunk_intra_grads_exact_kernel[(C // SUB.value, N, B * H)](*args, K=K, C=C, BK=BK, **EXACT_LAUNCH)
     return dq, dk
 
 

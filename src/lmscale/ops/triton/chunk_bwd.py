@@ -10,11 +10,11 @@ h_n the state entering chunk n, A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) and dP_
     d log g_t = Σ_{u≥t in the chunk} db_u                                      (b is a cumulative sum)
 Per-head gates sum db over the key channels (per key block here; the blocks are summed in PyTorch).
 
-Passes, after ``chunk_states_kernel`` recomputes h_0 … h_N (cheaper than keeping [N+1, D_k, D_v] float32
-per layer alive between forward and backward):
+Passes, after ``chunk_states_kernel`` recomputes h_0 … h_N (cheaper than keeping [N+1, D_k, D_v] per
+layer alive between forward and backward):
 3. ``chunk_state_grads_kernel``, grid (B·H, ⌈D_k/BK⌉, ⌈D_v/BV⌉), reverse over chunks: stores dS_n
-   (float32 [B·H, N, D_k, D_v]) and the initial state's gradient. Per chunk 2·C·D_k·D_v FLOPs; reads q,
-   do, log g, writes D_k·D_v float32.
+   ([B·H, N, D_k, D_v] in the input dtype; the recurrence runs in float32) and the initial state's
+   gradient (float32). Per chunk 2·C·D_k·D_v FLOPs; reads q, do, log g, writes D_k·D_v.
 4. ``chunk_dv_kernel``, grid (N, B·H, ⌈D_v/BV⌉): needs A over all of D_k. Per chunk 2·C·D_k·D_v +
    2·C²·(D_k + D_v) FLOPs; reads q, k, log g, do and dS_n, writes dv.
 5. ``chunk_dqkg_kernel``, grid (N, B·H, ⌈D_k/BK⌉): needs dP, h_n do and dS_n v over all of D_v, so it
@@ -23,9 +23,10 @@ per layer alive between forward and backward):
    h_{n+1} for the gate gradient), writes dq, dk, d log g.
 Per-channel gates split pass 5 like the forward's scores: ``chunk_dscores_kernel`` writes dA = dP masked
 to t ≥ s (float32 [B·H, N, C, C]), ``chunk_intra_grads_kernel`` turns it into the intra-chunk parts of
-dq and dk (per sub-chunk of 16 rows over all of D_k, references at the sub-chunk's start and end, every
-exponent ≤ 0), and ``chunk_dqkg_kernel`` adds the state terms and forms d log g on whole-chunk tiles;
-pass 4 reads A from ``chunk_fwd.chunk_scores_kernel``, rerun in the backward.
+dq and dk (per sub-chunk of 16 rows and block of channels, tensor-core dots through one reference row;
+``chunk_intra_grads_exact_kernel`` redoes steep sub-chunks with every exponent ≤ 0), and
+``chunk_dqkg_kernel`` adds the state terms and forms d log g on whole-chunk tiles; pass 4 reads A as
+the forward's ``chunk_fwd.chunk_scores_kernel`` left it.
 """
 
 from __future__ import annotations
@@ -244,8 +245,7 @@ def chunk_intra_grads_exact_kernel(
     at the row before it, queries after it through e = b at its last row, each in one [SUB, C] × [C, BK]
     dot with the chunk's other rows masked out of dA (exponents clamped at 0, so the masked rows stay
     finite); the diagonal block takes all its (t, s, channel) terms at once (``diagonal_decay``)."""
-    i_sk, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i, k0 = i_sk // tl.cdiv(K, BK), (i_sk % tl.cdiv(K, BK)) * BK
+    i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
         return
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -258,28 +258,31 @@ def chunk_intra_grads_exact_kernel(
     dqi += (i_bh.to(tl.int64) * N * C + ts) * K
     dki += (i_bh.to(tl.int64) * N * C + ts) * K
     dt = q.dtype.element_ty
-    sub, rows, cols = tl.arange(0, SUB), tl.arange(0, C), k0 + tl.arange(0, BK)
+    sub, rows = tl.arange(0, SUB), tl.arange(0, C)
 
-    b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
-    r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
-                 0.0)  # b at the row before sub-chunk i
-    e = load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C)  # b at its last row
-    c = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C) - r[None, :]  # b − r in it
-    k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
-    da_left = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :], mask=rows[None, :] < i * SUB, other=0.0)
-    dq = tl.dot(da_left.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(c)
-    q_e = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - e[None, :], 0.0))
-    da_below = tl.load(da + rows[None, :] * C + i * SUB + sub[:, None], mask=rows[None, :] >= (i + 1) * SUB,
-                       other=0.0)  # dA[t, s] as [s, t]
-    dk = tl.dot(da_below.to(dt), q_e.to(dt), input_precision="ieee") * tl.exp((e - r)[None, :] - c)
-    # diagonal block: w[t, s, j] = dA_ts exp(b_tj − b_sj), t ≥ s
-    w = tl.load(da + (i * SUB + sub)[:, None] * C + i * SUB + sub[None, :])[:, :, None] * diagonal_decay(
-        log_g, stride_g_t, ts, T, k0, K, BK, C)
-    k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK).to(tl.float32)
-    q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK).to(tl.float32)
-    mask = cols[None, :] < K
-    tl.store(dqi + sub[:, None] * K + cols[None, :], dq + tl.sum(w * k_i[None, :, :], 1), mask=mask)
-    tl.store(dki + sub[:, None] * K + cols[None, :], dk + tl.sum(w * q_i[:, None, :], 0), mask=mask)
+    for k0 in range(0, K, BK):  # blocks of channels, independent (one program per sub-chunk: the
+        # flag check is the only work of most programs, so fewer of them launch faster)
+        cols = k0 + tl.arange(0, BK)
+        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
+                     0.0)  # b at the row before sub-chunk i
+        e = load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C)  # b at its last row
+        c = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C) - r[None, :]  # b − r in it
+        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
+        da_left = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :], mask=rows[None, :] < i * SUB, other=0.0)
+        dq = tl.dot(da_left.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(c)
+        q_e = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - e[None, :], 0.0))
+        da_below = tl.load(da + rows[None, :] * C + i * SUB + sub[:, None], mask=rows[None, :] >= (i + 1) * SUB,
+                           other=0.0)  # dA[t, s] as [s, t]
+        dk = tl.dot(da_below.to(dt), q_e.to(dt), input_precision="ieee") * tl.exp((e - r)[None, :] - c)
+        # diagonal block: w[t, s, j] = dA_ts exp(b_tj − b_sj), t ≥ s
+        w = tl.load(da + (i * SUB + sub)[:, None] * C + i * SUB + sub[None, :])[:, :, None] * diagonal_decay(
+            log_g, stride_g_t, ts, T, k0, K, BK, C)
+        k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+        q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+        mask = cols[None, :] < K
+        tl.store(dqi + sub[:, None] * K + cols[None, :], dq + tl.sum(w * k_i[None, :, :], 1), mask=mask)
+        tl.store(dki + sub[:, None] * K + cols[None, :], dk + tl.sum(w * q_i[:, None, :], 0), mask=mask)
 
 
 @triton.jit
@@ -318,8 +321,8 @@ def chunk_dqkg_kernel(
     end_term = tl.zeros([BK], dtype=tl.float32)
     if NEED_DG:
         for v0 in range(0, V, BV):
-            h_next = load_state(h + K * V, k0, K, v0, V, BK, BV)
-            end_term += tl.sum(h_next * load_state(dh, k0, K, v0, V, BK, BV), 1)
+            h_next = load_state(h + K * V, k0, K, v0, V, BK, BV).to(tl.float32)
+            end_term += tl.sum(h_next * load_state(dh, k0, K, v0, V, BK, BV).to(tl.float32), 1)
 
     dp = tl.zeros([C, C], dtype=tl.float32)
     dq_n = tl.zeros([C, BK], dtype=tl.float32)

@@ -8,8 +8,9 @@ with ``tl.cumsum`` over C values; per-channel gates get it from one pass to memo
 
 1. ``chunk_states_kernel``, grid (B·H, ⌈D_k/BK⌉, ⌈D_v/BV⌉), sequential over the N chunks:
        h_{n+1} = diag(exp(b_L)) h_n + (k ⊙ exp(b_L − b))ᵀ v        (L = the chunk's last row)
-   stores h_0 … h_N (h_N is the final state) in float32: [B·H, N+1, D_k, D_v]. float32 because the
-   states compound over thousands of chunks; the dot operands are cast to the input dtype anyway.
+   stores h_0 … h_N in the input dtype, [B·H, N+1, D_k, D_v], and h_N (the final state) again in
+   float32. The recurrence runs in float32 registers (the states compound over thousands of chunks);
+   what is stored is read as dot operands, cast to the input dtype anyway, so bf16 halves its traffic.
    Per chunk: 2·C·D_k·D_v FLOPs; reads C·(D_k + D_v) input elements and C·D_k log gates (C per head),
    writes D_k·D_v float32 — for D = 128, C = 64 the state write (64 KiB) is twice the k, v read (bf16).
 2. ``chunk_output_kernel``, grid (N, B·H, ⌈D_v/BV⌉), parallel over chunks:
@@ -78,7 +79,7 @@ def load_gate_rows(x, stride_t, t0, T, R: tl.constexpr):
 
 @triton.jit
 def load_state(x, k0, K, v0, V, BK: tl.constexpr, BV: tl.constexpr):
-    """Block [k0:k0+BK, v0:v0+BV] of a contiguous float32 [K, V] state."""
+    """Block [k0:k0+BK, v0:v0+BV] of a contiguous [K, V] state, in its dtype."""
     rk = k0 + tl.arange(0, BK)
     rv = v0 + tl.arange(0, BV)
     return tl.load(x + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
@@ -88,7 +89,8 @@ def load_state(x, k0, K, v0, V, BK: tl.constexpr, BV: tl.constexpr):
 def store_state(x, k0, K, v0, V, value, BK: tl.constexpr, BV: tl.constexpr):
     rk = k0 + tl.arange(0, BK)
     rv = v0 + tl.arange(0, BV)
-    tl.store(x + rk[:, None] * V + rv[None, :], value, mask=(rk[:, None] < K) & (rv[None, :] < V))
+    tl.store(x + rk[:, None] * V + rv[None, :], value.to(x.dtype.element_ty),
+             mask=(rk[:, None] < K) & (rv[None, :] < V))
 
 
 @triton.jit
@@ -150,14 +152,16 @@ def state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, t0, T, k0, v0, s
 
 @triton.jit
 def chunk_states_kernel(
-    k, v, log_g, h0, h, T, N, H,
+    k, v, log_g, h0, h, final, T, N, H,
     stride_k_b, stride_k_h, stride_k_t,
     stride_v_b, stride_v_h, stride_v_t,
     stride_g_b, stride_g_h, stride_g_t,
     K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, HAS_H0: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Pass 1: h[bh, n] = state entering chunk n, n = 0 … N (h[bh, N] is the final state)."""
+    """Pass 1: h[bh, n] = state entering chunk n, n = 0 … N, in h's dtype (the input dtype: its readers
+    cast it to that for their dots, or sum products in float32), and the final state h_N in float32
+    (``final``). The recurrence itself runs in float32 registers."""
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     k += i_b * stride_k_b + i_h * stride_k_h
@@ -183,6 +187,7 @@ def chunk_states_kernel(
             state = state_step(k, v, log_g, stride_k_t, stride_v_t, stride_g_t, n * C, T, k0, v0, state,
                                K, V, GATE, C, BK, BV)
     store_state(h + tl.cast(N, tl.int64) * K * V, k0, K, v0, V, state, BK, BV)
+    store_state(final + i_bh.to(tl.int64) * K * V, k0, K, v0, V, state, BK, BV)
 
 
 @triton.jit
