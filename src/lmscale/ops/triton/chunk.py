@@ -27,6 +27,7 @@ stored chunk states and their gradients are bf16 then, as they are only read as 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -71,6 +72,7 @@ LAUNCH = {"num_warps": 8, "num_stages": 2}
 # into blocks of that width).
 DIAG_BLOCK = 32
 SUB_LAUNCH = {"num_warps": 4, "num_stages": 2}
+MIN_SEQUENTIAL_BLOCK = 16
 EXACT_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
@@ -160,7 +162,7 @@ def _chunk_states(k, v, log_g, initial_state, gate, C) -> tuple[Tensor, Tensor]:
     states = k.new_empty(B * H, N + 1, K, V)
     final_state = k.new_empty(B * H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    BK, BV = _block(K), _block(V)
+    BK, BV = _sequential_blocks(k, B * H, K, V)
     chunk_states_kernel[(B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
         k, v, _or(log_g, k), _or(h0, states), states, final_state, T, N, H,
         *_strides(k), *_strides(v), *_strides(log_g),
@@ -209,7 +211,7 @@ def _chunk_state_grads(q, do, log_g, d_final_state, scale, gate, C) -> tuple[Ten
     d_initial = q.new_empty(B * H, K, V, dtype=torch.float32)
     if d_final_state is not None:
         d_final_state = d_final_state.float().contiguous()
-    BK, BV = _block(K), _block(V)
+    BK, BV = _sequential_blocks(q, B * H, K, V)
     chunk_state_grads_kernel[(B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
         q, do, _or(log_g, q), _or(d_final_state, d_initial), d_states, d_initial, scale, T, N, H,
         *_strides(q), *_strides(do), *_strides(log_g),
@@ -294,6 +296,23 @@ def _gate_mode(log_g: Tensor | None) -> int:
 def _block(dim: int, cap: int | None = None) -> int:
     """Tile width for a head dimension: a power of two ≥ 16 (tl.dot's minimum), at most ``cap``."""
     return min(cap or BLOCK, max(16, triton.next_power_of_2(dim)))
+
+
+def _sequential_blocks(x: Tensor, heads: int, K: int, V: int) -> tuple[int, int]:
+    """Tile widths for the passes that run along time, one program per head and [BK, BV] block of the
+    state: ``BLOCK``, halved (down to 16) while that leaves fewer than two programs per multiprocessor
+    (long sequences in small batches: B·H = 16 heads at 32K tokens per batch)."""
+    BK, BV = _block(K), _block(V)
+    if x.is_cuda:
+        sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        while heads * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 2 * sms and min(BK, BV) > MIN_SEQUENTIAL_BLOCK:
+            BK, BV = BK // 2, BV // 2
+    return BK, BV
+
+
+@functools.cache
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _strides(x: Tensor | None) -> tuple[int, int, int]:
