@@ -72,7 +72,7 @@ LAUNCH = {"num_warps": 8, "num_stages": 2}
 # into blocks of that width).
 DIAG_BLOCK = 32
 SUB_LAUNCH = {"num_warps": 4, "num_stages": 2}
-MIN_SEQUENTIAL_BLOCK = 16
+MIN_SEQUENTIAL_BLOCK = 32
 EXACT_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
@@ -300,12 +300,14 @@ def _block(dim: int, cap: int | None = None) -> int:
 
 def _sequential_blocks(x: Tensor, heads: int, K: int, V: int) -> tuple[int, int]:
     """Tile widths for the passes that run along time, one program per head and [BK, BV] block of the
-    state: ``BLOCK``, halved (down to 16) while that leaves fewer than two programs per multiprocessor
-    (long sequences in small batches: B·H = 16 heads at 32K tokens per batch)."""
+    state: ``BLOCK``, halved (down to MIN_SEQUENTIAL_BLOCK) while that leaves fewer programs than
+    multiprocessors (long sequences in small batches). H100, GLA fwd+bwd, 32K tokens per batch: at
+    T = 32K (16 heads) 64 → 32 took 6.86 → 6.14 ms and 16 took 10.3; at T = 8K (64 heads, 256 programs)
+    halving to 32 cost 5.10 → 6.48, so the threshold is one program per multiprocessor, not two."""
     BK, BV = _block(K), _block(V)
     if x.is_cuda:
         sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        while heads * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 2 * sms and min(BK, BV) > MIN_SEQUENTIAL_BLOCK:
+        while heads * triton.cdiv(K, BK) * triton.cdiv(V, BV) < sms and min(BK, BV) > MIN_SEQUENTIAL_BLOCK:
             BK, BV = BK // 2, BV // 2
     return BK, BV
 
