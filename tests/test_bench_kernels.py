@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lmscale.bench import KERNEL_OPS
+from lmscale.bench import KERNEL_OPS, kernels
 from lmscale.bench.implementations import Impl, Unavailable, _torch_chunk, default_impls
 from lmscale.bench.kernels import GATES, TOLERANCES, crossover_context, judge, relative_errors, run_suite
 from lmscale.bench.timing import Budget, capture_graphs, l2_cache_bytes, rotation_sets, time_calls
@@ -235,3 +235,23 @@ def test_mixer_layer_profile_checks_every_variant_against_pytorch(tmp_path):
                     for i in impls for mode in ("fwd", "fwdbwd")}
     for r in records:
         assert r["status"] == "ok" and r["metrics"]["max_rel_err"] < 1e-5 and r["metrics"]["ms_median"] > 0, r
+
+
+def test_mixer_layer_goes_on_past_a_mixer_whose_check_runs_out_of_memory(tmp_path, monkeypatch):
+    """A mixer whose reference does not fit is recorded as skipped, with the reason, and the profile
+    goes on to the next mixer (it used to abort the whole op)."""
+    reference_outputs = kernels._reference_outputs_of
+    calls = []
+
+    def first_runs_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+        return reference_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_reference_outputs_of", first_runs_out)
+    records, _ = run_suite(device="cpu", quick=True, ops=["mixer_layer"], out=tmp_path)
+    status = {(r["config"]["mixer"], r["config"]["impl"], r["config"]["mode"]): r["status"] for r in records}
+    assert {s for (m, _, _), s in status.items() if m == "attention"} == {"skipped"}
+    assert {s for (m, _, _), s in status.items() if m == "gla"} == {"ok"}
+    assert all("32.00 GiB" in r["error"] for r in records if r["status"] == "skipped")
