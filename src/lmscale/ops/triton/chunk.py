@@ -11,7 +11,7 @@ every later kernel instead of log g) and add the intra-chunk score matrix A (``c
 before the outputs, kept for dv) and its gradient's intra-chunk dq, dk parts
 (``chunk_dscores_kernel`` → ``chunk_intra_grads_kernel``, before dq, dk; float32 [B·H, N·C, D_k], alive
 for one pass). Sub-chunks whose decay is too steep for the tensor-core form of those two are flagged
-and redone by their ``*_exact_kernel``.
+and redone by a second launch of the same kernels (``EXACT=True``).
 
 Kept for the backward: q, k, v, the cumulative gates (or log g), the initial state, A and the steep
 flags. The chunk states (N+1 [D_k, D_v] per head, stored in the input dtype: ≈2× the size of q at
@@ -38,7 +38,6 @@ from lmscale.ops.triton.chunk_bwd import (
     chunk_dqkg_kernel,
     chunk_dscores_kernel,
     chunk_dv_kernel,
-    chunk_intra_grads_exact_kernel,
     chunk_intra_grads_kernel,
     chunk_state_grads_kernel,
 )
@@ -49,7 +48,6 @@ from lmscale.ops.triton.chunk_fwd import (
     SUB,
     chunk_cumsum_kernel,
     chunk_output_kernel,
-    chunk_scores_exact_kernel,
     chunk_scores_kernel,
     chunk_states_kernel,
 )
@@ -182,8 +180,9 @@ def _chunk_scores(q, k, log_g, gate, C) -> tuple[Tensor | None, Tensor | None]:
     steep = q.new_empty(B * H, N, C // SUB.value, dtype=torch.int8)
     args = (q, k, log_g, scores, steep, T, N, H, *_strides(q), *_strides(k), *_strides(log_g))
     grid = (C // SUB.value, N, B * H)  # a chunk's sub-chunks side by side: they share its keys in L2
-    chunk_scores_kernel[grid](*args, K=K, C=C, BK=_block(K), **SUB_LAUNCH)
-    chunk_scores_exact_kernel[grid](*args, K=K, C=C, BK=_block(K), DK=_block(K, DIAG_BLOCK), **EXACT_LAUNCH)
+    constants = {"K": K, "C": C, "BK": _block(K), "DK": _block(K, DIAG_BLOCK)}
+    chunk_scores_kernel[grid](*args, **constants, EXACT=False, **SUB_LAUNCH)
+    chunk_scores_kernel[grid](*args, **constants, EXACT=True, **EXACT_LAUNCH)  # the steep sub-chunks
     return scores, steep
 
 
@@ -250,9 +249,9 @@ def _chunk_intra_grads(q, k, v, log_g, steep, do, scale, gate, C) -> tuple[Tenso
     args = (q, k, log_g, d_scores, steep, dq, dk, T, N, H, *_strides(q), *_strides(k), *_strides(log_g))
     BK = _block(K)
     chunk_intra_grads_kernel[(C // SUB.value * triton.cdiv(K, BK), N, B * H)](
-        *args, K=K, C=C, BK=BK, **SUB_LAUNCH)
-    BK = _block(K, DIAG_BLOCK)
-    chunk_intra_grads_exact_kernel[(C // SUB.value, N, B * H)](*args, K=K, C=C, BK=BK, **EXACT_LAUNCH)
+        *args, K=K, C=C, BK=BK, EXACT=False, **SUB_LAUNCH)
+    chunk_intra_grads_kernel[(C // SUB.value, N, B * H)](  # the steep sub-chunks
+        *args, K=K, C=C, BK=_block(K, DIAG_BLOCK), EXACT=True, **EXACT_LAUNCH)
     return dq, dk
 
 

@@ -24,7 +24,7 @@ layer alive between forward and backward):
 Per-channel gates split pass 5 like the forward's scores: ``chunk_dscores_kernel`` writes dA = dP masked
 to t ≥ s (float32 [B·H, N, C, C]), ``chunk_intra_grads_kernel`` turns it into the intra-chunk parts of
 dq and dk (per sub-chunk of 16 rows and block of channels, tensor-core dots through one reference row;
-``chunk_intra_grads_exact_kernel`` redoes steep sub-chunks with every exponent ≤ 0), and
+its EXACT launch redoes steep sub-chunks with every exponent ≤ 0), and
 ``chunk_dqkg_kernel`` adds the state terms and forms d log g on whole-chunk tiles; pass 4 reads A as
 the forward's ``chunk_fwd.chunk_scores_kernel`` left it.
 """
@@ -39,6 +39,7 @@ from lmscale.ops.triton.chunk_fwd import (
     GATE_SCALAR,
     MAX_SPREAD,
     SUB,
+    cumulative_before,
     diagonal_decay,
     load_cumulative,
     load_cumulative_row,
@@ -190,64 +191,33 @@ def chunk_intra_grads_kernel(
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i and
-    channels k0 … k0+BK−1, dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and
-    dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into float32 [B·H, N·C, D_k] buffers that
-    ``chunk_dqkg_kernel`` adds. Every channel's terms are independent, so programs split D_k. Both go
-    through r = b at the row before the sub-chunk, one [SUB, C] × [C, BK] tensor-core dot each:
+    """Per-channel gates, pass 5b: the intra-chunk parts of dq and dk for the rows of sub-chunk i,
+    dq_t = Σ_{s≤t} dA_ts exp(b_t − b_s) ⊙ k_s and dk_s = Σ_{t≥s} dA_ts exp(b_t − b_s) ⊙ q_t, into
+    float32 [B·H, N·C, D_k] buffers that ``chunk_dqkg_kernel`` adds. Every channel's terms are
+    independent. Launched twice.
+
+    EXACT = False, one program per sub-chunk and block of BK channels: both go through r = b at the row
+    before the sub-chunk, one [SUB, C] × [C, BK] tensor-core dot each:
     dq_i = exp(b_i − r) ⊙ dA_i,: (k ⊙ exp(min(r − b, MAX_SPREAD))) and
     dk_i = exp(min(r − b_i, MAX_SPREAD)) ⊙ dA_:,iᵀ (q ⊙ exp(min(b − r, 0))), exact wherever the
-    sub-chunk's decay spread is ≤ MAX_SPREAD (dA is 0 above the diagonal, where the clamps act). Steeper
-    sub-chunks (``steep``, flagged by the forward's ``chunk_scores_kernel``) are redone by
-    ``chunk_intra_grads_exact_kernel``."""
-    i_sk, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i, k0 = i_sk // tl.cdiv(K, BK), (i_sk % tl.cdiv(K, BK)) * BK
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    q += i_b * stride_q_b + i_h * stride_q_h
-    k += i_b * stride_k_b + i_h * stride_k_h
-    log_g += i_b * stride_g_b + i_h * stride_g_h
-    da += (i_bh.to(tl.int64) * N + i_n) * C * C
-    t0 = i_n * C
-    ts = t0 + i * SUB  # first row of sub-chunk i
-    dqi += (i_bh.to(tl.int64) * N * C + ts) * K
-    dki += (i_bh.to(tl.int64) * N * C + ts) * K
-    dt = q.dtype.element_ty
-    sub, rows, cols = tl.arange(0, SUB), tl.arange(0, C), k0 + tl.arange(0, BK)
+    sub-chunk's decay spread is ≤ MAX_SPREAD (dA is 0 above the diagonal, where the clamps act).
 
-    b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
-    r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
-                 0.0)  # b at the row before sub-chunk i
-    b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
-    k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, MAX_SPREAD))
-    da_rows = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :])  # dA[t, s], t in sub-chunk i
-    dq = tl.dot(da_rows.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(b_i - r[None, :])
-    q_r = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - r[None, :], 0.0))
-    da_cols = tl.load(da + rows[:, None] * C + i * SUB + sub[None, :])  # dA[t, s], s in sub-chunk i
-    dk = tl.dot(tl.trans(da_cols).to(dt), q_r.to(dt), input_precision="ieee")
-    dk *= tl.exp(tl.minimum(r[None, :] - b_i, MAX_SPREAD))
-    mask = cols[None, :] < K
-    tl.store(dqi + sub[:, None] * K + cols[None, :], dq, mask=mask)
-    tl.store(dki + sub[:, None] * K + cols[None, :], dk, mask=mask)
-
-
-@triton.jit
-def chunk_intra_grads_exact_kernel(
-    q, k, log_g, da, steep, dqi, dki, T, N, H,
-    stride_q_b, stride_q_h, stride_q_t,
-    stride_k_b, stride_k_h, stride_k_t,
-    stride_g_b, stride_g_h, stride_g_t,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-):
-    """Per-channel gates, after ``chunk_intra_grads_kernel``: redoes the sub-chunks flagged steep with
-    every exponent ≤ 0 (other programs return at once). Keys before the sub-chunk meet it through r = b
-    at the row before it, queries after it through e = b at its last row, each in one [SUB, C] × [C, BK]
-    dot with the chunk's other rows masked out of dA (exponents clamped at 0, so the masked rows stay
-    finite); the diagonal block takes all its (t, s, channel) terms at once (``diagonal_decay``)."""
-    i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
-        return
+    EXACT = True, after that, one program per sub-chunk looping over the channel blocks (the flag test
+    is all most programs do, and fewer programs launch faster): redoes the sub-chunks the forward's
+    ``chunk_scores_kernel`` flagged steep, every exponent ≤ 0. Keys before the sub-chunk meet it through
+    r, queries after it through e = b at its last row, each in one dot with the chunk's other rows
+    masked out of dA; the diagonal block takes all its (t, s, channel) terms at once
+    (``diagonal_decay``)."""
+    if EXACT:
+        i = tl.program_id(0)
+    else:
+        i, k_block = tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(0) % tl.cdiv(K, BK)
+    i_n, i_bh = tl.program_id(1), tl.program_id(2)
+    if EXACT:  # noqa: SIM102 — compile-time branch; Triton keeps it apart from the run-time test
+        if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
+            return
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
     k += i_b * stride_k_b + i_h * stride_k_h
@@ -260,29 +230,45 @@ def chunk_intra_grads_exact_kernel(
     dt = q.dtype.element_ty
     sub, rows = tl.arange(0, SUB), tl.arange(0, C)
 
-    for k0 in range(0, K, BK):  # blocks of channels, independent (one program per sub-chunk: the
-        # flag check is the only work of most programs, so fewer of them launch faster)
+    if EXACT:
+        for k0 in range(0, K, BK):  # blocks of channels, independent (one program per sub-chunk: the
+            # flag check is the only work of most programs, so fewer of them launch faster)
+            cols = k0 + tl.arange(0, BK)
+            b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
+            r = cumulative_before(log_g, stride_g_t, i, t0, T, k0, K, BK, C)
+            e = load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C)  # b at its last row
+            c = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C) - r[None, :]  # b − r in it
+            k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
+            da_left = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :], mask=rows[None, :] < i * SUB, other=0.0)
+            dq = tl.dot(da_left.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(c)
+            q_e = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - e[None, :], 0.0))
+            da_below = tl.load(da + rows[None, :] * C + i * SUB + sub[:, None], mask=rows[None, :] >= (i + 1) * SUB,
+                               other=0.0)  # dA[t, s] as [s, t]
+            dk = tl.dot(da_below.to(dt), q_e.to(dt), input_precision="ieee") * tl.exp((e - r)[None, :] - c)
+            # diagonal block: w[t, s, j] = dA_ts exp(b_tj − b_sj), t ≥ s
+            w = tl.load(da + (i * SUB + sub)[:, None] * C + i * SUB + sub[None, :])[:, :, None] * diagonal_decay(
+                log_g, stride_g_t, ts, T, k0, K, BK, C)
+            k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+            q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+            mask = cols[None, :] < K
+            tl.store(dqi + sub[:, None] * K + cols[None, :], dq + tl.sum(w * k_i[None, :, :], 1), mask=mask)
+            tl.store(dki + sub[:, None] * K + cols[None, :], dk + tl.sum(w * q_i[:, None, :], 0), mask=mask)
+    else:
+        k0 = k_block * BK
         cols = k0 + tl.arange(0, BK)
         b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
-        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C),
-                     0.0)  # b at the row before sub-chunk i
-        e = load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C)  # b at its last row
-        c = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C) - r[None, :]  # b − r in it
-        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
-        da_left = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :], mask=rows[None, :] < i * SUB, other=0.0)
-        dq = tl.dot(da_left.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(c)
-        q_e = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - e[None, :], 0.0))
-        da_below = tl.load(da + rows[None, :] * C + i * SUB + sub[:, None], mask=rows[None, :] >= (i + 1) * SUB,
-                           other=0.0)  # dA[t, s] as [s, t]
-        dk = tl.dot(da_below.to(dt), q_e.to(dt), input_precision="ieee") * tl.exp((e - r)[None, :] - c)
-        # diagonal block: w[t, s, j] = dA_ts exp(b_tj − b_sj), t ≥ s
-        w = tl.load(da + (i * SUB + sub)[:, None] * C + i * SUB + sub[None, :])[:, :, None] * diagonal_decay(
-            log_g, stride_g_t, ts, T, k0, K, BK, C)
-        k_i = load_tile(k, stride_k_t, ts, T, k0, K, SUB, BK).to(tl.float32)
-        q_i = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK).to(tl.float32)
+        r = cumulative_before(log_g, stride_g_t, i, t0, T, k0, K, BK, C)
+        b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
+        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, MAX_SPREAD))
+        da_rows = tl.load(da + (i * SUB + sub)[:, None] * C + rows[None, :])  # dA[t, s], t in sub-chunk i
+        dq = tl.dot(da_rows.to(dt), k_r.to(dt), input_precision="ieee") * tl.exp(b_i - r[None, :])
+        q_r = load_tile(q, stride_q_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(b - r[None, :], 0.0))
+        da_cols = tl.load(da + rows[:, None] * C + i * SUB + sub[None, :])  # dA[t, s], s in sub-chunk i
+        dk = tl.dot(tl.trans(da_cols).to(dt), q_r.to(dt), input_precision="ieee")
+        dk *= tl.exp(tl.minimum(r[None, :] - b_i, MAX_SPREAD))
         mask = cols[None, :] < K
-        tl.store(dqi + sub[:, None] * K + cols[None, :], dq + tl.sum(w * k_i[None, :, :], 1), mask=mask)
-        tl.store(dki + sub[:, None] * K + cols[None, :], dk + tl.sum(w * q_i[:, None, :], 0), mask=mask)
+        tl.store(dqi + sub[:, None] * K + cols[None, :], dq, mask=mask)
+        tl.store(dki + sub[:, None] * K + cols[None, :], dk, mask=mask)
 
 
 @triton.jit

@@ -114,6 +114,14 @@ def load_cumulative_row(b, stride_t, t, T, c0, D, W: tl.constexpr, C: tl.constex
 
 
 @triton.jit
+def cumulative_before(b, stride_t, i, t0, T, k0, K, W: tl.constexpr, C: tl.constexpr):
+    """r = b at the row before sub-chunk i of the chunk starting at t0, the reference row through which
+    the sub-chunk meets other rows (0 for the chunk's first sub-chunk, whose earlier rows are none)."""
+    row = tl.maximum(t0 + i * SUB - 1, t0)
+    return tl.where(i > 0, load_cumulative_row(b, stride_t, row, T, k0, K, W, C), 0.0)
+
+
+@triton.jit
 def chunk_cumsum_kernel(
     log_g, b, T, N, H, stride_g_b, stride_g_h, stride_g_t,
     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
@@ -196,19 +204,27 @@ def chunk_scores_kernel(
     stride_q_b, stride_q_h, stride_q_t,
     stride_k_b, stride_k_h, stride_k_t,
     stride_g_b, stride_g_h, stride_g_t,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, EXACT: tl.constexpr,
 ):
     """Per-channel gates: rows of query sub-chunk i of the chunk's A ([C, C] in a's dtype, the input
     dtype: the readers cast A to it for their dots anyway; entries above the diagonal are left
-    unwritten, readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t.
+    unwritten, readers mask them), A_ts = Σ_j q_tj k_sj exp(b_tj − b_sj) for s ≤ t. Launched twice.
 
-    Every key up to the sub-chunk's end meets its queries through r = b at the row before it, in one
-    [SUB, C] tensor-core dot per K block: (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, MAX_SPREAD)))ᵀ. Keys
-    before the sub-chunk have r − b ≤ 0; keys inside it have r − b ≤ the sub-chunk's decay spread
-    max_j (r_j − b_j at its last row). Where that spread exceeds MAX_SPREAD, the clamp makes the
-    diagonal block wrong (never inf or NaN), so the program sets its ``steep`` flag and
-    ``chunk_scores_exact_kernel`` redoes its rows with every exponent ≤ 0."""
+    EXACT = False: every key up to the sub-chunk's end meets its queries through r = b at the row
+    before it, in one [SUB, C] tensor-core dot per K block: (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b,
+    MAX_SPREAD)))ᵀ. Keys before the sub-chunk have r − b ≤ 0; keys inside it have r − b ≤ the
+    sub-chunk's decay spread max_j (r_j − b_j at its last row). Where that spread exceeds MAX_SPREAD,
+    the clamp makes the diagonal block wrong (never inf or NaN), so the program sets its ``steep`` flag.
+
+    EXACT = True, after that: redoes the flagged sub-chunks with every exponent ≤ 0 (other programs
+    return at once). Keys before the sub-chunk as above but clamped at 0 and stored left of the diagonal
+    only; the diagonal block takes every (t, s, channel) term at once, DK channels at a time, masked
+    before exp (``diagonal_decay``)."""
     i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    flag = steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i
+    if EXACT:  # noqa: SIM102 — compile-time branch; Triton keeps it apart from the run-time test
+        if tl.load(flag) == 0:
+            return
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
     k += i_b * stride_k_b + i_h * stride_k_h
@@ -219,65 +235,32 @@ def chunk_scores_kernel(
     dt = q.dtype.element_ty
     sub, rows = tl.arange(0, SUB), tl.arange(0, C)
 
+    top = MAX_SPREAD  # keys inside the sub-chunk scaled by up to e^top
+    if EXACT:
+        top = 0.0
     scores = tl.zeros([SUB, C], dtype=tl.float32)
     spread = 0.0
     for k0 in range(0, K, BK):
-        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C), 0.0)
+        r = cumulative_before(log_g, stride_g_t, i, t0, T, k0, K, BK, C)
         spread = tl.maximum(spread, tl.max(r - load_cumulative_row(log_g, stride_g_t, ts + SUB - 1, T, k0, K, BK, C), 0))
         b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
-        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, MAX_SPREAD))
+        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, top))
         b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
         q_r = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK) * tl.exp(b_i - r[None, :])
         scores += tl.dot(q_r.to(dt), tl.trans(k_r.to(dt)), input_precision="ieee")
-    tl.store(a + sub[:, None] * C + rows[None, :], scores.to(a.dtype.element_ty),
-             mask=rows[None, :] <= i * SUB + sub[:, None])
-    tl.store(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i, (spread > MAX_SPREAD).to(tl.int8))
-
-
-@triton.jit
-def chunk_scores_exact_kernel(
-    q, k, log_g, a, steep, T, N, H,
-    stride_q_b, stride_q_h, stride_q_t,
-    stride_k_b, stride_k_h, stride_k_t,
-    stride_g_b, stride_g_h, stride_g_t,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr,
-):
-    """Per-channel gates, after ``chunk_scores_kernel``: redoes the rows of the sub-chunks it flagged
-    steep, with every exponent ≤ 0 (other programs return at once). Keys before the sub-chunk meet its
-    queries through r = b at the row before it, in one [SUB, C] dot per K block of BK:
-    (q ⊙ exp(b − r)) (k ⊙ exp(min(r − b, 0)))ᵀ, stored left of the diagonal only (the clamp keeps the
-    unstored keys finite); the diagonal block takes every (t, s, channel) term at once, DK channels at a
-    time, masked before exp."""
-    i, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if tl.load(steep + (i_bh.to(tl.int64) * N + i_n) * (C // SUB) + i) == 0:
-        return
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    q += i_b * stride_q_b + i_h * stride_q_h
-    k += i_b * stride_k_b + i_h * stride_k_h
-    log_g += i_b * stride_g_b + i_h * stride_g_h
-    a += ((i_bh.to(tl.int64) * N + i_n) * C + i * SUB) * C  # row i·SUB of this chunk's A
-    t0 = i_n * C
-    ts = t0 + i * SUB  # first row of query sub-chunk i
-    dt = q.dtype.element_ty
-    sub, rows = tl.arange(0, SUB), tl.arange(0, C)
-
-    left = tl.zeros([SUB, C], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        # r = b at the row before sub-chunk i (none for i = 0: its keys are all on the diagonal)
-        r = tl.where(i > 0, load_cumulative_row(log_g, stride_g_t, tl.maximum(ts - 1, t0), T, k0, K, BK, C), 0.0)
-        b = load_cumulative(log_g, stride_g_t, t0, T, k0, K, C, BK, C)
-        k_r = load_tile(k, stride_k_t, t0, T, k0, K, C, BK) * tl.exp(tl.minimum(r[None, :] - b, 0.0))
-        b_i = load_cumulative(log_g, stride_g_t, ts, T, k0, K, SUB, BK, C)
-        q_r = load_tile(q, stride_q_t, ts, T, k0, K, SUB, BK) * tl.exp(b_i - r[None, :])
-        left += tl.dot(q_r.to(dt), tl.trans(k_r.to(dt)), input_precision="ieee")
-    tl.store(a + sub[:, None] * C + rows[None, :], left.to(a.dtype.element_ty), mask=rows[None, :] < i * SUB)
-    diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for k0 in range(0, K, DK):  # diagonal block: every (t, s, channel) term at once, DK channels a step
-        q_d = load_tile(q, stride_q_t, ts, T, k0, K, SUB, DK).to(tl.float32)
-        k_d = load_tile(k, stride_k_t, ts, T, k0, K, SUB, DK).to(tl.float32)
-        decay = diagonal_decay(log_g, stride_g_t, ts, T, k0, K, DK, C)
-        diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * decay, 2)
-    tl.store(a + sub[:, None] * C + i * SUB + sub[None, :], diag.to(a.dtype.element_ty))
+    if EXACT:
+        tl.store(a + sub[:, None] * C + rows[None, :], scores.to(a.dtype.element_ty), mask=rows[None, :] < i * SUB)
+        diag = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for k0 in range(0, K, DK):  # diagonal block: every (t, s, channel) term at once, DK channels a step
+            q_d = load_tile(q, stride_q_t, ts, T, k0, K, SUB, DK).to(tl.float32)
+            k_d = load_tile(k, stride_k_t, ts, T, k0, K, SUB, DK).to(tl.float32)
+            decay = diagonal_decay(log_g, stride_g_t, ts, T, k0, K, DK, C)
+            diag += tl.sum(q_d[:, None, :] * k_d[None, :, :] * decay, 2)
+        tl.store(a + sub[:, None] * C + i * SUB + sub[None, :], diag.to(a.dtype.element_ty))
+    else:
+        tl.store(a + sub[:, None] * C + rows[None, :], scores.to(a.dtype.element_ty),
+                 mask=rows[None, :] <= i * SUB + sub[:, None])
+        tl.store(flag, (spread > MAX_SPREAD).to(tl.int8))
 
 
 @triton.jit
