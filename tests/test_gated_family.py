@@ -94,12 +94,21 @@ def test_retnet_is_multi_scale_retention(form):
 
 
 def test_retnet_state_carries_the_rotary_position():
+    """One position per sequence, in a tensor (so a CUDA graph of the step advances it on the device)."""
     mixer, x = make_mixer("retnet"), random_input()
     _, state = mixer(x[:, :9], return_state=True)
-    assert state.position == 9
+    assert state.position.tolist() == [9, 9]
     _, state = mixer.step(x[:, 9], state)
-    assert state.position == 10
-    assert mixer.init_state(2, "cpu", torch.float64).position == 0
+    assert state.position.tolist() == [10, 10]
+    assert mixer.init_state(2, "cpu", torch.float64).position.tolist() == [0, 0]
+
+
+def test_rope_with_one_start_per_sequence_equals_rope_at_each_start():
+    x = torch.randn(3, 2, 5, 8, dtype=torch.float64)
+    starts = torch.tensor([0, 7, 1000])
+    got = apply_rope(x, starts, 10000.0)
+    for b, start in enumerate(starts.tolist()):
+        torch.testing.assert_close(got[b], apply_rope(x[b : b + 1], start, 10000.0)[0], rtol=0, atol=0)
 
 
 def test_retnet_rejects_odd_head_dims():

@@ -44,10 +44,11 @@ from lmscale.rope import apply_rope
 
 @dataclass(frozen=True)
 class RetentionState:
-    """S [B, H, Dk, Dv] and the number of tokens seen (the next token's rotary position)."""
+    """S [B, H, Dk, Dv] and the number of tokens each sequence has seen (its next token's rotary position),
+    int64 [B] on S's device: a CUDA graph of the step then reads and advances it on the device."""
 
     S: Tensor
-    position: int
+    position: Tensor
 
 
 @register("retnet")
@@ -86,7 +87,7 @@ class Retention(Mixer):
         h = torch.arange(self.n_heads, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
         return torch.log1p(-(2.0 ** (-5.0 - h)))
 
-    def _project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor, start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, D] at positions start … start+T−1 -> q, k, v [B, H, T, Dh] and log_g [B, H, T]."""
         B, T, _ = x.shape
 
@@ -108,7 +109,8 @@ class Retention(Mixer):
     def forward(
         self, x: Tensor, state: RetentionState | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, RetentionState]:
-        start, S = (0, None) if state is None else (state.position, state.S)
+        B = x.shape[0]
+        start, S = (x.new_zeros(B, dtype=torch.long), None) if state is None else (state.position, state.S)
         q, k, v, log_g = self._project(x, start)
         o, final_S = gated_recurrence(q, k, v, log_g, form=self.form, chunk_size=self.chunk_size,
                                       initial_state=S, output_final_state=return_state, impl=self.impl)
@@ -124,12 +126,12 @@ class Retention(Mixer):
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> RetentionState:
         S = torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device,
                         dtype=compute_dtype(dtype))
-        return RetentionState(S, 0)
+        return RetentionState(S, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def state_bytes(self, context_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """One [H, Dh, Dh] matrix whatever the context length, kept in at least float32 (the position is
-        one shared integer)."""
-        return self.n_heads * self.head_dim * self.head_dim * compute_dtype(dtype).itemsize
+        """One [H, Dh, Dh] matrix whatever the context length, kept in at least float32, and the position
+        (one int64)."""
+        return self.n_heads * self.head_dim * self.head_dim * compute_dtype(dtype).itemsize + 8
 
     def cost(self, seq_len: int, dtype: torch.dtype = torch.float32) -> Cost:
         """Matmul FLOPs of the q, k, v, gate, o projections and the op's form (``gated_recurrence_flops``:
