@@ -305,6 +305,18 @@ if len(layer_times):
         slowest = (as_run / as_run["gla"]).sort_values(ascending=False)
         display(Markdown("Forward+backward as a model runs each layer, relative to GLA's: " + ", ".join(
             f"{name} {ratio:.1f}×" for name, ratio in slowest.items()) + "."))
+    as_run_records = layer_times[(layer_times["impl"] == "ours") & (layer_times["mode"] == "fwdbwd")]
+    breakdown = as_run_records.get("metrics.top_kernels", pd.Series(dtype=object)).dropna()
+    if len(breakdown) and "gla" in as_run:
+        heavy = [m for m in slowest.index if slowest[m] >= 2]
+        rows = [{"mixer": mixer, "kernel": name, "ms": ms, "launches": launches}
+                for mixer, top in zip(as_run_records["mixer"], as_run_records["metrics.top_kernels"])
+                if mixer in heavy and isinstance(top, list) for name, ms, launches in top[:5]]
+        display(caption("The layers at 2× GLA's time or more: their five most expensive kernels, forward+backward"))
+        display(plots.table(pd.DataFrame(rows), "layer_kernels", formats={"ms": "{:.3f}"}))
+    else:
+        display(Markdown("*These layer records predate the per-kernel breakdown (`top_kernels`); the next "
+                         "GPU run of `--ops mixer_layer` adds, for each layer, its most expensive kernels.*"))
     not_timed = runs[(runs["op"] == "mixer_layer") & (runs["status"] != "ok")]
     for (mixer, status), rows in not_timed.groupby(["mixer", "status"]):
         display(Markdown(f"*{mixer}: {', '.join(sorted(set(rows['mode'])))} {status} "

@@ -235,6 +235,9 @@ def test_mixer_layer_profile_checks_every_variant_against_pytorch(tmp_path):
                     for i in impls for mode in ("fwd", "fwdbwd")}
     for r in records:
         assert r["status"] == "ok" and r["metrics"]["max_rel_err"] < 1e-5 and r["metrics"]["ms_median"] > 0, r
+        top = r["metrics"]["top_kernels"]  # where the call's time goes (on the CPU: operators)
+        assert 0 < len(top) <= 8 and all(ms > 0 and n >= 1 for _, ms, n in top)
+        assert [ms for _, ms, _ in top] == sorted((ms for _, ms, _ in top), reverse=True)
 
 
 def test_mixer_layer_goes_on_past_a_mixer_whose_check_runs_out_of_memory(tmp_path, monkeypatch):

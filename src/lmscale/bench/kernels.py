@@ -14,6 +14,10 @@ Triton's interpreter):
   query over KV caches of 1K … 256K tokens (sizes over ``memory_limit`` are skipped and say so);
 - ``model_step``: one decoding step of a 24-layer GLA model (preset 1.3B, bf16, batch 1), eager
   ``LanguageModel.step`` against ``lmscale.decode.GraphedStep``.
+- ``mixer_layer``: every registered mixer's layer at the 350M width (16K tokens per batch, T = 2K),
+  forward and forward+backward, as a model runs it and, for mixers with kernels, on PyTorch; each of
+  its records also names the call's most expensive kernels (``top_kernels``): where the next kernel
+  should go.
 
 The correctness gate. Before an implementation is timed at a shape, it runs once on fresh random
 inputs at that full size and its outputs — and for forward+backward every input gradient, for the
@@ -64,7 +68,15 @@ from lmscale.bench.implementations import (
     load,
     reference_dtype,
 )
-from lmscale.bench.timing import Budget, Timing, capture_graphs, rotation_sets, tensor_bytes, time_calls
+from lmscale.bench.timing import (
+    Budget,
+    Timing,
+    capture_graphs,
+    rotation_sets,
+    tensor_bytes,
+    time_calls,
+    top_kernels,
+)
 from lmscale.paths import results_dir
 from lmscale.results import make_record, write_records
 
@@ -287,10 +299,11 @@ class _Run:
             self.log(f"    {record['error']}")
 
     def measure(self, config: dict[str, Any], prepare: Callable[[], tuple[dict[str, float], Callable]],
-                counts: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
+                counts: tuple[int | None, int | None] = (None, None), profile: bool = False) -> dict[str, Any]:
         """Check, then time. ``prepare()`` runs the implementation once at full size and returns the
         relative errors against the reference and a function making the timed calls (one per input set).
-        ``config["seed"]`` is the seed its inputs were drawn with."""
+        ``config["seed"]`` is the seed its inputs were drawn with. ``profile`` adds the call's most
+        expensive kernels (``top_kernels``) to the metrics."""
         tolerance = TOLERANCES[getattr(torch, config["dtype"])]
         if self.out_of_time():
             return self.skip(config, f"the run's time limit of {self.time_limit_s:.0f} s was spent")
@@ -306,6 +319,8 @@ class _Run:
                 return self.record(config, "ok", metrics)
             calls = make_calls()
             timing = time_calls(calls, self.device, self.suite.budget)
+            if profile:
+                metrics["top_kernels"] = top_kernels(calls[0], self.device)
         except Unavailable as e:
             return self.record(config, "skipped", error=str(e))
         except Exception as e:  # noqa: BLE001 — whatever an implementation raises is its record's error
@@ -536,7 +551,7 @@ class _Run:
                               "d_model": d_model, "preset": s.mixer_preset,
                               "dtype": str(dtype).removeprefix("torch."), "seed": seed}
                     prepare = partial(self._prepare_layer, layer, mode, first, draw, expected)
-                    self.measure(config, prepare)
+                    self.measure(config, prepare, profile=True)
             del layers, reference, first, expected
             _free(self.device)
 

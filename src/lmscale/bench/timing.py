@@ -181,3 +181,23 @@ def _replayer(graph: torch.cuda.CUDAGraph, outputs: Any) -> Callable[[], Any]:
         return outputs
 
     return replay
+
+
+def top_kernels(call: Callable[[], Any], device: torch.device, n: int = 8) -> list[list[Any]]:
+    """Where one call's time goes: its n most expensive kernels (on the CPU, operators) as
+    [name, ms, launches], from one profiled call after one unprofiled one. Kernel names are cut to 100
+    characters (cuBLAS names run to several hundred)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    call()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            rows.append([event.key[:100], us / 1e3, event.count])
+    return sorted(rows, key=lambda row: -row[1])[:n]
