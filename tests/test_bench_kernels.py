@@ -258,3 +258,13 @@ def test_mixer_layer_goes_on_past_a_mixer_whose_check_runs_out_of_memory(tmp_pat
     assert {s for (m, _, _), s in status.items() if m == "attention"} == {"skipped"}
     assert {s for (m, _, _), s in status.items() if m == "gla"} == {"ok"}
     assert all("32.00 GiB" in r["error"] for r in records if r["status"] == "skipped")
+
+
+def test_a_profiler_that_fails_costs_the_breakdown_not_the_timing(tmp_path, monkeypatch):
+    def no_profiler(*args, **kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(kernels, "top_kernels", no_profiler)
+    records, _ = run_suite(device="cpu", quick=True, ops=["mixer_layer"], out=tmp_path)
+    assert records and all(r["status"] == "ok" and r["metrics"]["ms_median"] > 0 for r in records)
+    assert all("CUPTI unavailable" in r["metrics"]["top_kernels_error"] for r in records)

@@ -319,14 +319,17 @@ class _Run:
                 return self.record(config, "ok", metrics)
             calls = make_calls()
             timing = time_calls(calls, self.device, self.suite.budget)
-            if profile:
-                metrics["top_kernels"] = top_kernels(calls[0], self.device)
         except Unavailable as e:
             return self.record(config, "skipped", error=str(e))
         except Exception as e:  # noqa: BLE001 — whatever an implementation raises is its record's error
             return self.record(config, "refused", error=_describe(e))
         finally:
             _free(self.device)
+        if profile:
+            try:
+                metrics["top_kernels"] = top_kernels(calls[0], self.device)
+            except Exception as e:  # noqa: BLE001 — a profiler that cannot run costs the breakdown, not the timing
+                metrics["top_kernels_error"] = _describe(e)
         steps = config.get("steps_per_graph") or 1
         if steps > 1:  # one replay ran that many steps
             timing = Timing(timing.ms_median / steps, timing.ms_p10 / steps, timing.ms_p90 / steps, timing.repeats)

@@ -64,10 +64,9 @@ SCORES_BLOCK_V = 128
 # spills (4 warps spill in the per-channel kernels; 3 stages double the shared memory of the output and
 # dv kernels to 128 KiB, one program per SM). Not yet timed against other settings.
 LAUNCH = {"num_warps": 8, "num_stages": 2}
-# The per-channel sub-chunk kernels (16-row tiles) use tensor cores for every pair; the exact ones, for
-# sub-chunks too steep for that, form their diagonal block as a [16, 16, channels] cube, DIAG_BLOCK
-# channels at a time (the scores kernel loops over them; the intra-gradient kernel's programs split D_k
-# into blocks of that width).
+# The per-channel sub-chunk kernels (16-row tiles) use tensor cores for every pair; their exact launch,
+# for sub-chunks too steep for that, forms the diagonal block as a [16, 16, channels] cube, DIAG_BLOCK
+# channels at a time. MIN_SEQUENTIAL_BLOCK: see ``_sequential_blocks``.
 DIAG_BLOCK = 32
 SUB_LAUNCH = {"num_warps": 4, "num_stages": 2}
 MIN_SEQUENTIAL_BLOCK = 32
