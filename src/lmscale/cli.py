@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--seed", type=int, default=0)
     kernels.add_argument("--model-preset", default=None,
                          help="size of the GLA model of op model_step (default 1.3B; tiny with --quick)")
+    kernels.add_argument("--mixers", type=_name_list, default=None,
+                         help="op mixer_layer: only these comma-separated mixers (default: every registered one)")
     kernels.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                          help="start no measurement after this long; the rest are recorded as skipped")
     kernels.set_defaults(func=_cmd_bench_kernels)
@@ -235,7 +237,7 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
     records, path = run_suite(device=args.device, quick=args.quick, ops=args.ops, out=args.out,
                               check_only=args.check_only, seed=args.seed, model_preset=args.model_preset,
-                              time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+                              mixers=args.mixers, time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
     print(format_table(records))
     print(f"written: {path}")
     return 1 if any(r["status"] == "wrong" for r in records) else 0

@@ -104,6 +104,47 @@ def _reference_attention(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None) 
     return o.transpose(1, 2)
 
 
+# --- the delta rule: (q, k, v, beta, log_alpha or None) in [B, T, H, …] -> o [B, T, H, D]
+
+
+def _ours_delta() -> Callable[..., Tensor]:
+    kernel = load("lmscale.ops.triton.delta_rule", "chunk_delta_rule")
+
+    def run(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None) -> Tensor:
+        o, _ = kernel(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta), _bhtd(log_alpha))
+        return o.transpose(1, 2)
+
+    return run
+
+
+def _torch_delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None) -> Tensor:
+    from lmscale.ops.delta_rule import chunk_delta_rule
+
+    o, _ = chunk_delta_rule(_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta), _bhtd(log_alpha), chunk_size=CHUNK_SIZE)
+    return o.transpose(1, 2)
+
+
+def _fla_delta() -> Callable[..., Tensor]:
+    """fla's chunk_delta_rule (DeltaNet) or chunk_gated_delta_rule (Gated DeltaNet), natural-log gates."""
+    chunk_delta_rule = load("fla.ops.delta_rule", "chunk_delta_rule")
+    chunk_gated_delta_rule = load("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
+
+    def run(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None) -> Tensor:
+        if log_alpha is None:
+            return chunk_delta_rule(q, k, v, beta)[0]
+        return chunk_gated_delta_rule(q, k, v, log_alpha, beta)[0]
+
+    return run
+
+
+def _delta_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None) -> Tensor:
+    return _causal_attention(q, k, v, None)
+
+
+def _reference_delta_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None) -> Tensor:
+    return _reference_attention(q, k, v, None)
+
+
 # --- decoding: recurrent steps take (q_t, k_t, v_t, log_g_t [B, H, D], state [B, H, D, D]) -> (o_t, state)
 
 
@@ -203,6 +244,8 @@ def _reference_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
 REFERENCES: dict[str, Callable[..., Any]] = {
     "recurrence": _torch_chunk,
     "attention": _reference_attention,
+    "delta_rule": _torch_delta,
+    "delta_attention": _reference_delta_attention,
     "recurrence_step": _torch_step,
     "attention_decode": _reference_decode_attention,
     "lru_scan": _reference_lru_scan,
@@ -216,12 +259,15 @@ def default_impls() -> dict[str, dict[str, Impl]]:
     attention = Impl(lambda: _causal_attention, "attention")
     torch_chunk = Impl(lambda: _torch_chunk, "recurrence")
     ours_chunk = Impl(_ours_chunk, "recurrence")
+    delta = {"ours": Impl(_ours_delta, "delta_rule"), "fla": Impl(_fla_delta, "delta_rule"),
+             "torch": Impl(lambda: _torch_delta, "delta_rule"), "sdpa": Impl(lambda: _delta_attention, "delta_attention")}
     return {
         "gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_gla, "recurrence"), "torch": torch_chunk,
                 "sdpa": attention},
         "simple_gla": {"ours": ours_chunk, "fla": Impl(_fla_chunk_simple_gla, "recurrence"),
                        "torch": torch_chunk, "sdpa": attention},
         "linear_attention": {"ours": ours_chunk, "torch": torch_chunk, "sdpa": attention},
+        "delta_rule": delta, "gated_delta_rule": delta,
         "lru_scan": {"ours": Impl(_ours_lru_scan, "lru_scan"), "torch": Impl(lambda: _torch_lru_scan, "lru_scan")},
         "selective_scan": {"ours": Impl(_ours_selective_scan, "selective_scan"),
                            "torch": Impl(lambda: _torch_selective_scan, "selective_scan")},

@@ -225,6 +225,22 @@ def recurrence_counts(B: int, T: int, H: int, D: int, gate: str, mode: str, item
     return flops, elements * itemsize
 
 
+def delta_counts(B: int, T: int, H: int, D: int, mode: str, itemsize: int) -> tuple[int, int]:
+    """(FLOPs, bytes) of the chunked delta rule, D_k = D_v = D, per chunk of C and head: the C × C
+    products K Kᵀ, Q Kᵀ, T·(βγK), T·(βV) and the causal read of the pseudo-values (2·C²·D each), W S, the
+    write Kᵀ U' and the read Q S (2·C·D² each) and the blocked triangular inverse (≈ C³/3). Bytes: q, k, v
+    in, o out, the chunk states written and read back once. Forward+backward: 3× the FLOPs; the backward
+    reads q, k, v, dO, the states and W, U' and writes dq, dk, dv and the state gradients."""
+    C, N = CHUNK_SIZE, -(-T // CHUNK_SIZE)
+    flops = B * H * N * (5 * 2 * C * C * D + 3 * 2 * C * D * D + C**3 // 3)
+    states = 2 * N * H * D * D
+    elements = B * (H * T * 4 * D + states)
+    if mode == "fwdbwd":
+        flops *= 3
+        elements += B * (H * T * 9 * D + 2 * states)
+    return flops, elements * itemsize
+
+
 def attention_counts(B: int, T: int, H: int, D: int, mode: str, itemsize: int) -> tuple[int, int]:
     """Causal attention: 2 products of T²/2 pairs × D, forward; the backward has 5 such products (2.5×).
     Bytes: q, k, v in, o out; the backward reads q, k, v, o, dO and writes dq, dk, dv."""
@@ -428,6 +444,32 @@ class _Run:
 
         shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "gate": gate}
         self._sequences(op, ("q", "k", "v", "g"), draw, s.seq_lens, s.tokens, counts, shape)
+
+    def delta(self, op: str) -> None:
+        """The delta rule (DeltaNet; Gated DeltaNet with ``op`` gated_delta_rule) against softmax attention,
+        on inputs as the mixers make them: q, k L2-normalised, β = sigmoid(·), per-head log α ≤ 0."""
+        s, dtype, gated = self.suite, self.suite.dtype, op == "gated_delta_rule"
+        H, D = s.heads, s.head_dim
+
+        def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor | None]:
+            q = F.normalize(self.randn(gen, B, T, H, D), dim=-1)
+            k = F.normalize(self.randn(gen, B, T, H, D), dim=-1)
+            v = self.randn(gen, B, T, H, D)
+            beta = torch.sigmoid(self.randn(gen, B, T, H))
+            # Gated DeltaNet's initialisation spans log α from −1e-3 to about −1.6 (A ∈ [1, 16], Δ ∈ [1e-3, 0.1])
+            log_alpha = -torch.exp(math.log(1e-3) + math.log(1.6e3) * torch.rand(B, T, H, generator=gen,
+                                                                                   device=self.device)) if gated else None
+            do = self.randn(gen, B, T, H, D)
+            inputs = (q, k, v, beta, log_alpha)
+            return [None if x is None else x.to(dtype).requires_grad_() for x in inputs] + [do.to(dtype)]
+
+        def counts(B: int, T: int, mode: str, reference: str) -> tuple[int, int]:
+            if reference == "delta_attention":
+                return attention_counts(B, T, H, D, mode, dtype.itemsize)
+            return delta_counts(B, T, H, D, mode, dtype.itemsize)
+
+        shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "gate": "head" if gated else "none"}
+        self._sequences(op, ("q", "k", "v", "beta", "a"), draw, s.seq_lens, s.tokens, counts, shape)
 
     def lru_scan(self) -> None:
         """The LRU's complex scan at a 350M layer: N = d_model complex channels, |λ| in [0.9, 0.999]."""
@@ -766,13 +808,15 @@ def run_suite(
     impls: dict[str, dict[str, Impl]] | None = None,
     dtype: torch.dtype | None = None,
     model_preset: str | None = None,
+    mixers: Iterable[str] | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Run the suite's ``ops`` (all of ``KERNEL_OPS`` by default) and write every record to one file
     ``<out>/<date>-<device>[-quick][-check].jsonl`` (``out`` defaults to ``data/results/kernels``).
     Past ``time_limit_s`` seconds every measurement not yet started is recorded as skipped, so a run
-    that must fit a time slot still ends with its table. Returns the records and the file."""
+    that must fit a time slot still ends with its table. ``mixers``: op mixer_layer's mixers (default: the
+    suite's). Returns the records and the file."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no CUDA device; use --device cpu (with --quick)")
@@ -786,6 +830,13 @@ def run_suite(
     suite = make_suite(quick, device, dtype)
     if model_preset:
         suite = replace(suite, model_preset=model_preset)
+    if mixers:
+        from lmscale.mixers import available
+
+        unknown = sorted(set(mixers) - set(available()))
+        if unknown:
+            raise ValueError(f"unknown mixer(s) {unknown}; registered: {', '.join(available())}")
+        suite = replace(suite, mixer_names=tuple(mixers))
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}"
     name = f"{stamp}-{device.type}{'-quick' if quick else ''}{'-check' if check_only else ''}.jsonl"
     path = Path(out or results_dir() / EXPERIMENT) / name
@@ -797,7 +848,8 @@ def run_suite(
         try:
             {"ceiling": run.ceiling, "lru_scan": run.lru_scan, "selective_scan": run.selective_scan,
              "step": run.step, "model_step": run.model_step,
-             "mixer_layer": run.mixer_layer}.get(op, partial(run.chunked, op))()
+             "mixer_layer": run.mixer_layer, "delta_rule": partial(run.delta, op),
+             "gated_delta_rule": partial(run.delta, op)}.get(op, partial(run.chunked, op))()
         except Exception as e:  # noqa: BLE001 — outside any measurement (drawing inputs): go on to the next op
             run.log(f"!!! op {op} aborted: {_describe(e)}")
             _free(device)

@@ -14,9 +14,11 @@ over time scales 1 / (A·Δ) from under a token to a thousand.
 Parallel form: the chunkwise WY form of ``lmscale.ops.delta_rule`` (one chunk of length T is the
 quadratic form; its T × T system is triangular, solved by forward substitution).
 
-Options: ``form`` ("chunk" or the token loop "naive"), ``chunk_size`` of the chunk form, and
-``conv_size``, the short convolution's kernel (1 = no mixing across tokens, a per-channel scale); the
-convolution needs the last conv_size − 1 projected inputs, so decoding carries them in the state.
+Options: ``form`` ("chunk" or the token loop "naive"), ``chunk_size`` of the chunk form,
+``conv_size``, the short convolution's kernel (1 = no mixing across tokens, a per-channel scale; the
+convolution needs the last conv_size − 1 projected inputs, so decoding carries them in the state), and
+``impl`` (see ``lmscale.ops.triton.use_triton``): on CUDA the chunked Triton kernels
+(``lmscale.ops.triton.delta_rule``, chunks of 64, head dims ≤ 128) run whatever ``form`` says.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lmscale.config import ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.delta_rule import chunk_delta_rule, delta_rule_step, naive_delta_rule
 from lmscale.ops.gated_recurrence.naive import compute_dtype
+from lmscale.ops.triton import DELTA_RULE_MAX_HEAD_DIM, IMPLS, use_triton
 
 FORMS = ("chunk", "naive")
 L2_NORM_EPS = 1e-6
@@ -57,6 +60,7 @@ class DeltaNet(Mixer):
         "form": Option.choice("chunk", FORMS),
         "chunk_size": Option(64, "a positive integer", is_positive_int),
         "conv_size": Option(4, "a positive integer", is_positive_int),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "delta rule"
@@ -68,6 +72,7 @@ class DeltaNet(Mixer):
         opts = self.read_options(cfg)
         self.layer_idx = layer_idx
         self.form, self.chunk_size, self.conv_size = opts["form"], opts["chunk_size"], opts["conv_size"]
+        self.impl = opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         d, H = cfg.d_model, cfg.n_heads
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -119,12 +124,12 @@ class DeltaNet(Mixer):
     def forward(
         self, x: Tensor, state: DeltaNetState | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, DeltaNetState]:
-        op = {
-            "chunk": partial(chunk_delta_rule, chunk_size=self.chunk_size),
-            "naive": naive_delta_rule,
-        }[self.form]
         memory, window = (None, None) if state is None else (state.memory, state.conv)
         q, k, v, beta, log_alpha, window = self._project(x, window)
+        if use_triton(self.impl, q, (self.head_dim,), DELTA_RULE_MAX_HEAD_DIM):
+            from lmscale.ops.triton.delta_rule import chunk_delta_rule as op
+        else:
+            op = {"chunk": partial(chunk_delta_rule, chunk_size=self.chunk_size), "naive": naive_delta_rule}[self.form]
         o, memory = op(q, k, v, beta, log_alpha, initial_state=memory, output_final_state=return_state)
         y = self._readout(o, x)
         return (y, DeltaNetState(memory, window)) if return_state else y

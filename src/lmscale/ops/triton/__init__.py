@@ -19,6 +19,8 @@ from torch import Tensor
 
 IMPLS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256  # a head's key or value channels held in one block of registers
+# the delta rule's sequential passes hold all D_k key channels of a state block in registers
+DELTA_RULE_MAX_HEAD_DIM = 128
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -31,23 +33,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def use_triton(impl: str, x: Tensor, head_dims: tuple[int, ...] = ()) -> bool:
+def use_triton(impl: str, x: Tensor, head_dims: tuple[int, ...] = (), max_head_dim: int = MAX_HEAD_DIM) -> bool:
     """Whether an op on ``x`` runs its Triton kernel under the mixer option ``impl``.
 
     ``head_dims``: the per-head widths the kernel must hold (e.g. D_k, D_v). Shapes or dtypes the
     kernels do not cover (float64, heads wider than ``MAX_HEAD_DIM`` such as Based's 273 feature
-    channels) run in PyTorch under ``"auto"`` and are an error under ``"triton"``.
+    channels) run in PyTorch under ``"auto"`` and are an error under ``"triton"``. ``max_head_dim``: the
+    op's own limit where lower (the delta rule's ``DELTA_RULE_MAX_HEAD_DIM``).
     """
     if impl == "torch":
         return False
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, not {impl!r}")
-    covered = x.dtype in KERNEL_DTYPES and all(d <= MAX_HEAD_DIM for d in head_dims)
+    covered = x.dtype in KERNEL_DTYPES and all(d <= max_head_dim for d in head_dims)
     if impl == "auto":
         return x.is_cuda and covered and triton_installed()
     if not covered:
         raise ValueError(f"impl='triton' covers dtypes {[str(d) for d in KERNEL_DTYPES]} and head widths up to "
-                         f"{MAX_HEAD_DIM}, got {x.dtype} and widths {list(head_dims)}; use impl='auto' or 'torch'")
+                         f"{max_head_dim}, got {x.dtype} and widths {list(head_dims)}; use impl='auto' or 'torch'")
     if not triton_installed():
         raise RuntimeError("impl='triton' needs the triton package (pip install triton, or a CUDA "
                            "build of torch, which ships it); impl='auto' falls back to PyTorch")
