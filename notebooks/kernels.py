@@ -51,6 +51,7 @@ from lmscale.bench.kernels import (
     TOLERANCES,
     attention_counts,
     crossover_context,
+    delta_counts,
     recurrence_counts,
 )
 from lmscale.results import iter_records, load_records
@@ -115,8 +116,9 @@ Markdown(
 # and a 2 GiB device-to-device copy, read plus write); until GPU records exist, the table uses this
 # project's reference measurements on an H100 80GB HBM3 (743 TFLOP/s, 3.02 TB/s; `GPU.md`).
 #
-# The counts (`recurrence_counts`, `attention_counts` in `lmscale.bench.kernels`): matmul FLOPs of
-# the chunked form, causal pairs only, and each tensor read or written once; forward+backward as 3×
+# The counts (`recurrence_counts`, `delta_counts`, `attention_counts` in `lmscale.bench.kernels`): matmul
+# FLOPs of the chunked form, causal pairs only, and each tensor read or written once (the delta rule
+# adds the products that form and apply its WY transform, the same with or without gates); forward+backward as 3×
 # the forward's FLOPs for the recurrence (the backward's products are twice the forward's) and 3.5×
 # for attention (FlashAttention's five backward products against two), plus the gradients' traffic.
 
@@ -129,9 +131,11 @@ rows = []
 for T in FULL.seq_lens:
     B = FULL.tokens // T
     for mode in ("fwd", "fwdbwd"):
-        for op in [*GATES, "attention"]:
+        for op in [*GATES, "delta_rule", "attention"]:
             if op == "attention":
                 flops, nbytes = attention_counts(B, T, FULL.heads, FULL.head_dim, mode, 2)
+            elif op == "delta_rule":
+                flops, nbytes = delta_counts(B, T, FULL.heads, FULL.head_dim, mode, 2)
             else:
                 flops, nbytes = recurrence_counts(B, T, FULL.heads, FULL.head_dim, GATES[op], mode, 2)
             compute_ms, memory_ms = flops / peak_tflops / 1e9, nbytes / peak_gbps / 1e6
@@ -156,15 +160,16 @@ longest = floors[floors["T"] == max(FULL.seq_lens)].set_index(["op", "mode"])["f
 Markdown("\n".join(
     f"- **{op}**: {bounds[op, 'fwd']}-bound forward, {bounds[op, 'fwdbwd']}-bound forward+backward; floor "
     f"{longest[op, 'fwd']:.2f} / {longest[op, 'fwdbwd']:.2f} ms at T = {max(FULL.seq_lens) // 1024}K"
-    for op in [*GATES, "attention"])
+    for op in [*GATES, "delta_rule", "attention"])
     + "\n\nThe recurrences' bytes are about half activations (q, k, v, gates, o) and half chunk states "
     "(a D × D matrix per head and chunk of 64 tokens, written by one pass and read by the next)."
 )
 
 # %%
 if have:
-    timed = ok[ok["op"].isin([*GATES])].copy()
-    timed["counted op"] = timed["op"].where(timed["impl"] != "sdpa", "attention")
+    timed = ok[ok["op"].isin([*GATES, "delta_rule", "gated_delta_rule"])].copy()
+    timed["counted op"] = timed["op"].replace({"gated_delta_rule": "delta_rule"}).where(timed["impl"] != "sdpa",
+                                                                                         "attention")
     gap = timed.merge(floors.rename(columns={"op": "counted op"}), on=["counted op", "mode", "T"])
     gap["× floor"] = gap["ms"] / gap["floor ms"]
     table = gap.pivot_table(index=["op", "mode", "T"], columns="impl", values="× floor").reset_index()
@@ -193,6 +198,46 @@ if have:
     display(alt.layer(lines, spread).properties(width=230, height=200)
             .facet(column=alt.Column("op:N", sort=list(GATES), title=None), row=alt.Row("mode:N", title=None))
             .properties(title=f"Chunked recurrences vs SDPA (FlashAttention), bf16 — {gpu}"))
+
+# %% [markdown]
+# ## The delta rule: DeltaNet and Gated DeltaNet
+#
+# The layer profile below put DeltaNet's and Gated DeltaNet's layers at 8× GLA's, nearly all of it in
+# the PyTorch chunk form's loop over chunks. The delta rule $S_t = \alpha_t (I - \beta_t k_t k_t^\top)
+# S_{t-1} + \beta_t k_t v_t^\top$ {cite:p}`yang2024deltanet` is chunked through the WY / UT transform:
+# per chunk a unit lower-triangular $C \times C$ system $T = (I + A)^{-1}$, $A = \mathrm{tril}(\mathrm{diag}
+# (\beta)(K K^\top \odot \Gamma), -1)$, gives $W = T\,\mathrm{diag}(\beta\gamma) K$ and $U = T\,
+# \mathrm{diag}(\beta) V$; a pass along the sequence forms the pseudo-values $U' = U - W S_n$ and the
+# states, and the output is the gated recurrence's with $U'$ as values. Our kernels invert $I + A$ in
+# 16-row blocks (forward substitution inside the four diagonal blocks, six block products for the
+# rest) and compute every gradient of a chunk (through $T$, $W$, $U$, the decays and $\beta$) in one
+# parallel kernel after one sequential pass for the state gradients. Same sizes as above: H = 16, D = 128,
+# 32K tokens per batch; q, k L2-normalised and β = sigmoid(·) as the mixers make them; Gated DeltaNet's
+# per-head log α spans $[-1.6, -10^{-3}]$, its initialisation's range. fla's peers are `chunk_delta_rule`
+# and `chunk_gated_delta_rule`.
+
+# %%
+delta_ops = ["delta_rule", "gated_delta_rule"]
+delta = ok[ok["op"].isin(delta_ops)] if have else ok
+if len(delta):
+    display(alt.Chart(delta).mark_line(point=True).encode(
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T"),
+        y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="ms per batch"),
+        color=alt.Color("impl:N", title="implementation"),
+        tooltip=["op", "impl", "mode", "T", "B", "ms", "tflops", "max_rel_err"],
+    ).properties(width=230, height=200)
+        .facet(column=alt.Column("op:N", sort=delta_ops, title=None), row=alt.Row("mode:N", title=None))
+        .properties(title=f"Chunked delta rule vs SDPA (FlashAttention), bf16 — {gpu}"))
+    table = delta.pivot_table(index=["op", "mode", "T"], columns="impl", values="ms").reset_index()
+    for peer in ("fla", "torch", "sdpa"):
+        if peer in table and "ours" in table:
+            table[f"ours / {peer}"] = table["ours"] / table[peer]
+    display(caption("Chunked delta rule, ms per batch of 32K tokens, and our time over each peer's"))
+    display(plots.table(table, "delta_rule", formats={c: "{:.3f}" if c in ("ours", "fla", "torch", "sdpa") else "{:.2f}"
+                                                      for c in table.columns if c not in ("op", "mode", "T")}))
+else:
+    display(Markdown("*No delta-rule records are committed yet: `python -m lmscale bench kernels --device cuda "
+                     "--ops delta_rule,gated_delta_rule` makes them.*"))
 
 # %% [markdown]
 # ## Decoding: one step of one layer
