@@ -6,8 +6,8 @@ same results up to rounding) with a hand-written backward:
 forward   T = (I + A)⁻¹ (``delta_rule_fwd.delta_inverse_kernel``) → W, U (``delta_wu_kernel``) → states
           and pseudo-values U' (``delta_states_kernel``, sequential) → outputs (the gated recurrence's
           ``chunk_output_kernel`` with U' as the values);
-backward  state gradients and dU' (``delta_rule_bwd.delta_state_grads_kernel``, sequential) → dq, dk, dv,
-          dβ, d log α (``delta_grads_kernel``).
+backward  scale · Pᵀ dO (``delta_rule_bwd.delta_intra_grads_kernel``) → state gradients and dU'
+          (``delta_state_grads_kernel``, sequential) → dq, dk, dv, dβ, d log α (``delta_grads_kernel``).
 
 Kept for the backward: q, k, v, β, log α, T (float32 [B·H, N, 64, 64]), W, the states entering each
 chunk and U' (input dtype). The chunk is 64 positions whatever ``chunk_size`` says: it changes
@@ -27,7 +27,7 @@ from lmscale.ops.triton import DELTA_RULE_MAX_HEAD_DIM as MAX_HEAD_DIM
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import DTYPES, LAUNCH, _block, _on_device_of, _or, _strides, _unit_last_stride
 from lmscale.ops.triton.chunk_fwd import GATE_NONE, GATE_SCALAR, chunk_output_kernel
-from lmscale.ops.triton.delta_rule_bwd import delta_grads_kernel, delta_state_grads_kernel
+from lmscale.ops.triton.delta_rule_bwd import delta_grads_kernel, delta_intra_grads_kernel, delta_state_grads_kernel
 from lmscale.ops.triton.delta_rule_fwd import delta_inverse_kernel, delta_states_kernel, delta_wu_kernel
 
 CHUNK = 64
@@ -158,8 +158,9 @@ def _output(q, k, v, pseudo, log_alpha, states, scale) -> Tensor:
 
 
 def _state_grads(q, k, w, do, log_alpha, d_final_state, scale) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward pass 1: G_n, the gradient w.r.t. the state leaving chunk n, [B·H, N, D_k, D_v] (input
-    dtype), dU' [B, H, T, D_v] (input dtype) and the initial state's gradient, float32 [B·H, D_k, D_v]."""
+    """Backward pass 1 (a: the intra-chunk part of dU', b: sequential): G_n, the gradient w.r.t. the
+    state leaving chunk n, [B·H, N, D_k, D_v] (input dtype), dU' [B, H, T, D_v] (input dtype) and the
+    initial state's gradient, float32 [B·H, D_k, D_v]."""
     B, H, T, K = q.shape
     V, N = do.shape[-1], triton.cdiv(T, CHUNK)
     d_states = q.new_empty(B * H, N, K, V)
@@ -167,6 +168,11 @@ def _state_grads(q, k, w, do, log_alpha, d_final_state, scale) -> tuple[Tensor, 
     d_initial = q.new_empty(B * H, K, V, dtype=torch.float32)
     if d_final_state is not None:
         d_final_state = d_final_state.float().contiguous()
+    delta_intra_grads_kernel[(N, B * H)](
+        q, k, do, _or(log_alpha, q), d_pseudo, scale, T, N, H,
+        *_strides(q), *_strides(k), *_strides(do), *_strides(log_alpha), *_strides(d_pseudo),
+        K=K, V=V, GATED=log_alpha is not None, C=CHUNK, BK=_block(K, 256), BV=_block(V, 128), **LAUNCH,
+    )
     BV = _block(V, SEQUENTIAL_BLOCK_V)
     delta_state_grads_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, w, do, _or(log_alpha, q), _or(d_final_state, d_initial), d_states, d_pseudo, d_initial, scale,

@@ -7,8 +7,10 @@ included), K̃ = K ⊙ exp(b_L − b) and G_n the gradient w.r.t. the state leav
     dU' = scale · Pᵀ dO + K̃ G_n                                     (= dU: U enters U' with sign +)
     G_{n−1} = scale · (diag(γ) Q)ᵀ dO + γ_L G_n − Wᵀ dU'             (G_{−1}: the initial state's)
 
-1. ``delta_state_grads_kernel``, grid (B·H, ⌈D_v/BV⌉), reverse over chunks, all key channels in one
-   block: stores G_n ([B·H, N, D_k, D_v], input dtype) and dU' ([B, H, T, D_v], input dtype).
+1. ``delta_intra_grads_kernel``, grid (N, B·H): scale · Pᵀ dO into the dU' buffer; then
+   ``delta_state_grads_kernel``, grid (B·H, ⌈D_v/BV⌉), reverse over chunks, all key channels in one
+   block: adds K̃ G_n to it and stores G_n ([B·H, N, D_k, D_v], input dtype); dU' is [B, H, T, D_v] in
+   the input dtype.
 2. ``delta_grads_kernel``, grid (N, B·H), everything else of one chunk, looping over V blocks for the
    sums over value channels:
        dQ = scale · [diag(γ) dO S_nᵀ + (dP ⊙ Γ) K],  dP = tril(dO U'ᵀ)
@@ -30,26 +32,59 @@ from lmscale.ops.triton.delta_rule_fwd import chunk_gates, load_inverse
 
 
 @triton.jit
-def delta_state_grad_step(q, k, w, do, log_a, du, stride_q_t, stride_k_t, stride_w_t, stride_do_t, stride_a_t,
-                          stride_du_t, t0, T, v0, d_state, scale, K: tl.constexpr, V: tl.constexpr,
-                          GATED: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """One chunk backwards: store dU', return the gradient w.r.t. the state entering the chunk."""
+def delta_intra_grads_kernel(
+    q, k, do, log_a, du, scale, T, N, H,
+    stride_q_b, stride_q_h, stride_q_t,
+    stride_k_b, stride_k_h, stride_k_t,
+    stride_do_b, stride_do_h, stride_do_t,
+    stride_a_b, stride_a_h, stride_a_t,
+    stride_du_b, stride_du_h, stride_du_t,
+    K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Pass 1a: scale · Pᵀ dO into du, the part of dU' that does not depend on the carried state gradient
+    (the sequential pass adds K̃ G_n in place). Out of that pass's loop, its C × C tile is not alive beside
+    the carried [D_k, BV] gradient there."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    q += i_b * stride_q_b + i_h * stride_q_h
+    k += i_b * stride_k_b + i_h * stride_k_h
+    do += i_b * stride_do_b + i_h * stride_do_h
+    log_a += i_b * stride_a_b + i_h * stride_a_h
+    du += i_b * stride_du_b + i_h * stride_du_h
+    t0 = i_n * C
     dt = q.dtype.element_ty
     rows = tl.arange(0, C)
     q_n = load_tile(q, stride_q_t, t0, T, 0, K, C, BK)
     k_n = load_tile(k, stride_k_t, t0, T, 0, K, C, BK)
-    do_n = (load_tile(do, stride_do_t, t0, T, v0, V, C, BV) * scale).to(dt)
     pt = tl.dot(k_n, tl.trans(q_n), input_precision="ieee")  # [s, t] = k_s · q_t
     causal = rows[:, None] <= rows[None, :]  # s ≤ t
     if GATED:
-        g = load_gate_rows(log_a, stride_a_t, t0, T, C)
-        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
+        b = tl.cumsum(load_gate_rows(log_a, stride_a_t, t0, T, C), 0)
         pt *= tl.exp(tl.where(causal, b[None, :] - b[:, None], float("-inf")))
-        k_n = (k_n * tl.exp(b_last - b)[:, None]).to(dt)
-        q_n = (q_n * tl.exp(b)[:, None]).to(dt)
     else:
         pt = tl.where(causal, pt, 0.0)
-    d_pseudo = tl.dot(pt.to(dt), do_n, input_precision="ieee")
+    pt = (pt * scale).to(dt)
+    for v0 in range(0, V, BV):
+        do_n = load_tile(do, stride_do_t, t0, T, v0, V, C, BV)
+        store_tile(du, stride_du_t, t0, T, v0, V, tl.dot(pt, do_n, input_precision="ieee"), C, BV)
+
+
+@triton.jit
+def delta_state_grad_step(q, k, w, do, log_a, du, stride_q_t, stride_k_t, stride_w_t, stride_do_t, stride_a_t,
+                          stride_du_t, t0, T, v0, d_state, scale, K: tl.constexpr, V: tl.constexpr,
+                          GATED: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One chunk backwards: complete dU' (du holds scale · Pᵀ dO), return the gradient w.r.t. the state
+    entering the chunk."""
+    dt = q.dtype.element_ty
+    q_n = load_tile(q, stride_q_t, t0, T, 0, K, C, BK)
+    k_n = load_tile(k, stride_k_t, t0, T, 0, K, C, BK)
+    do_n = (load_tile(do, stride_do_t, t0, T, v0, V, C, BV) * scale).to(dt)
+    if GATED:
+        g = load_gate_rows(log_a, stride_a_t, t0, T, C)
+        b, b_last = tl.cumsum(g, 0), tl.sum(g, 0)
+        k_n = (k_n * tl.exp(b_last - b)[:, None]).to(dt)
+        q_n = (q_n * tl.exp(b)[:, None]).to(dt)
+    d_pseudo = load_tile(du, stride_du_t, t0, T, v0, V, C, BV).to(tl.float32)
     d_pseudo += tl.dot(k_n, d_state.to(dt), input_precision="ieee")
     store_tile(du, stride_du_t, t0, T, v0, V, d_pseudo, C, BV)
     if GATED:
@@ -71,7 +106,8 @@ def delta_state_grads_kernel(
     K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, HAS_DHT: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Pass 1: dh[bh, n] = G_n and dU', reverse over chunks; dh0[bh] = the initial state's gradient."""
+    """Pass 1b: dh[bh, n] = G_n and dU' (completing pass 1a's du), reverse over chunks; dh0[bh] = the
+    initial state's gradient."""
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     q += i_b * stride_q_b + i_h * stride_q_h
@@ -149,63 +185,63 @@ def delta_grads_kernel(
     q_n = load_tile(q, stride_q_t, t0, T, 0, K, C, BK)
     k_n = load_tile(k, stride_k_t, t0, T, 0, K, C, BK)
     beta_n, b, b_last = chunk_gates(beta, log_a, stride_beta_t, stride_a_t, t0, T, C, GATED)
-    t_n = load_inverse(t_inv, i_bh, i_n, N, C)
-    t_t = tl.trans(t_n).to(dt)
 
-    d_qs = tl.zeros([C, BK], dtype=tl.float32)  # dO S_nᵀ
-    d_kt = tl.zeros([C, BK], dtype=tl.float32)  # dK̃ = U' G_nᵀ
-    d_w = tl.zeros([C, BK], dtype=tl.float32)  # dW = −dU' S_nᵀ
-    d_p = tl.zeros([C, C], dtype=tl.float32)  # dO U'ᵀ
-    d_t = tl.zeros([C, C], dtype=tl.float32)  # dU (βV)ᵀ, then + dW (βγK)ᵀ
-    d_beta = tl.zeros([C], dtype=tl.float32)
-    d_gamma_last = 0.0  # Σ G_n ⊙ S_n, the gradient of γ_L
+    gamma = tl.exp(b)
+    causal = rows[:, None] >= rows[None, :]
+    # outputs, o = diag(γ) Q S_n + P U' (scale folded into dO). Three passes over the value channels,
+    # each consuming its accumulators before the next: 255 registers spilled when all lived at once
+    d_qs = tl.zeros([C, BK], dtype=tl.float32)
+    d_p = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
         s_n = load_state(h, 0, K, v0, V, BK, BV)
-        g_n = load_state(dh, 0, K, v0, V, BK, BV)
         do_n = (load_tile(do, stride_do_t, t0, T, v0, V, C, BV) * scale).to(dt)
-        u_n = load_tile(u, stride_u_t, t0, T, v0, V, C, BV)
+        d_qs += tl.dot(do_n, tl.trans(s_n.to(dt)), input_precision="ieee")
+        d_p += tl.dot(do_n, tl.trans(load_tile(u, stride_u_t, t0, T, v0, V, C, BV)), input_precision="ieee")
+    d_p *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))  # ⊙ Γ, 0 above the diagonal
+    d_q = gamma[:, None] * d_qs + tl.dot(d_p.to(dt), k_n, input_precision="ieee")
+    store_tile(dq, stride_dq_t, t0, T, 0, K, d_q, C, BK)
+    m = d_p * tl.dot(q_n, tl.trans(k_n), input_precision="ieee")  # dP ⊙ P: b_t gains it, b_s loses it
+    d_b = gamma * tl.sum(d_qs * q_n.to(tl.float32), 1) + tl.sum(m, 1) - tl.sum(m, 0)
+    # U = T diag(β) V and U' = U − W S_n: a second pass for dU (βV)ᵀ, dv and dW = −dU' S_nᵀ
+    t_t = tl.trans(load_inverse(t_inv, i_bh, i_n, N, C)).to(dt)
+    d_w = tl.zeros([C, BK], dtype=tl.float32)
+    d_t = tl.zeros([C, C], dtype=tl.float32)  # dU (βV)ᵀ, then + dW (βγK)ᵀ
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
         du_n = load_tile(du, stride_du_t, t0, T, v0, V, C, BV)
         v_n = load_tile(v, stride_v_t, t0, T, v0, V, C, BV)
-        d_qs += tl.dot(do_n, tl.trans(s_n.to(dt)), input_precision="ieee")
-        d_p += tl.dot(do_n, tl.trans(u_n), input_precision="ieee")
-        d_kt += tl.dot(u_n, tl.trans(g_n.to(dt)), input_precision="ieee")
-        d_w -= tl.dot(du_n, tl.trans(s_n.to(dt)), input_precision="ieee")
+        d_w -= tl.dot(du_n, tl.trans(load_state(h, 0, K, v0, V, BK, BV).to(dt)), input_precision="ieee")
         d_t += tl.dot(du_n, tl.trans((v_n * beta_n[:, None]).to(dt)), input_precision="ieee")
         d_y = tl.dot(t_t, du_n, input_precision="ieee")  # Tᵀ dU: the gradient of βV
         store_tile(dv, stride_dv_t, t0, T, v0, V, d_y * beta_n[:, None], C, BV)
         d_beta += tl.sum(d_y * v_n.to(tl.float32), 1)
-        d_gamma_last += tl.sum(g_n.to(tl.float32) * s_n.to(tl.float32))
-
-    gamma = tl.exp(b)
-    causal = rows[:, None] >= rows[None, :]
-    decay = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))  # Γ, 0 above the diagonal
-    q_f, k_f = q_n.to(tl.float32), k_n.to(tl.float32)
-    # outputs: o = diag(γ) Q S_n + P U' (scale folded into dO)
-    d_p *= decay
-    d_q = gamma[:, None] * d_qs + tl.dot(d_p.to(dt), k_n, input_precision="ieee")
-    d_k = tl.dot(tl.trans(d_p).to(dt), q_n, input_precision="ieee")
-    m = d_p * tl.dot(q_n, tl.trans(k_n), input_precision="ieee")  # dP ⊙ P: b_t gains it, b_s loses it
-    d_b = gamma * tl.sum(d_qs * q_f, 1) + tl.sum(m, 1) - tl.sum(m, 0)
-    # the state update: S_{n+1} = γ_L S_n + K̃ᵀ U', K̃ = K ⊙ exp(b_L − b)
+    # W = T diag(βγ) K
+    scale_w = beta_n * gamma
+    d_t += tl.dot(d_w.to(dt), tl.trans((k_n * scale_w[:, None]).to(dt)), input_precision="ieee")
+    d_k = tl.dot(t_t, d_w.to(dt), input_precision="ieee")  # the gradient of βγK
+    through_w = tl.sum(d_k * k_n.to(tl.float32), 1)
+    d_beta += through_w * gamma
+    d_b += through_w * scale_w
+    d_k *= scale_w[:, None]
+    # S_{n+1} = γ_L S_n + K̃ᵀ U', K̃ = K ⊙ exp(b_L − b): a third pass for dK̃ = U' G_nᵀ and γ_L's gradient
+    d_kt = tl.zeros([C, BK], dtype=tl.float32)
+    d_gamma_last = 0.0  # Σ G_n ⊙ S_n
+    for v0 in range(0, V, BV):
+        g_n = load_state(dh, 0, K, v0, V, BK, BV)
+        d_kt += tl.dot(load_tile(u, stride_u_t, t0, T, v0, V, C, BV), tl.trans(g_n.to(dt)), input_precision="ieee")
+        d_gamma_last += tl.sum(g_n.to(tl.float32) * load_state(h, 0, K, v0, V, BK, BV).to(tl.float32))
     to_end = tl.exp(b_last - b)
     d_k += d_kt * to_end[:, None]
-    through_end = tl.sum(d_kt * k_f, 1) * to_end  # ⟨dK̃_t, K̃_t⟩
+    through_end = tl.sum(d_kt * k_n.to(tl.float32), 1) * to_end  # ⟨dK̃_t, K̃_t⟩
     d_b -= through_end
     d_b_last = tl.sum(through_end, 0) + tl.exp(b_last) * d_gamma_last
     d_b += tl.where(rows == C - 1, d_b_last, 0.0)
-    # W = T diag(βγ) K
-    scale_w = beta_n * gamma
-    d_t += tl.dot(d_w.to(dt), tl.trans((k_f * scale_w[:, None]).to(dt)), input_precision="ieee")
-    d_x = tl.dot(t_t, d_w.to(dt), input_precision="ieee")  # gradient of βγK
-    d_k += d_x * scale_w[:, None]
-    through_w = tl.sum(d_x * k_f, 1)
-    d_beta += through_w * gamma
-    d_b += through_w * scale_w
+    d_k += tl.dot(tl.trans(d_p).to(dt), q_n, input_precision="ieee")  # the outputs' P
     # T = (I + A)⁻¹, A = tril(diag(β) (K Kᵀ ⊙ Γ), −1)
     d_t = tl.where(causal, d_t, 0.0)  # T is lower triangular: its upper part reaches nothing
     d_a = -tl.dot(tl.dot(t_t, d_t.to(dt), input_precision="ieee").to(dt), t_t, input_precision="ieee")
     strict = rows[:, None] > rows[None, :]
-    d_a = tl.where(strict, d_a * decay, 0.0)  # dA ⊙ Γ
+    d_a *= tl.exp(tl.where(strict, b[:, None] - b[None, :], float("-inf")))  # dA ⊙ Γ, strictly lower
     kk = tl.dot(k_n, tl.trans(k_n), input_precision="ieee")
     d_beta += tl.sum(d_a * kk, 1)
     d_a *= beta_n[:, None]
@@ -213,7 +249,6 @@ def delta_grads_kernel(
     m = d_a * kk  # dA ⊙ A
     d_b += tl.sum(m, 1) - tl.sum(m, 0)
 
-    store_tile(dq, stride_dq_t, t0, T, 0, K, d_q, C, BK)
     store_tile(dk, stride_dk_t, t0, T, 0, K, d_k, C, BK)
     tl.store(dbeta + (t0 + rows).to(tl.int64) * stride_db_t, d_beta.to(dbeta.dtype.element_ty), mask=t0 + rows < T)
     if NEED_DA:
