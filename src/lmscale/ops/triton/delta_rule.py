@@ -168,11 +168,12 @@ def _state_grads(q, k, w, do, log_alpha, d_final_state, scale) -> tuple[Tensor, 
     d_initial = q.new_empty(B * H, K, V, dtype=torch.float32)
     if d_final_state is not None:
         d_final_state = d_final_state.float().contiguous()
-    delta_intra_grads_kernel[(N, B * H)](
-        q, k, do, _or(log_alpha, q), d_pseudo, scale, T, N, H,
-        *_strides(q), *_strides(k), *_strides(do), *_strides(log_alpha), *_strides(d_pseudo),
-        K=K, V=V, GATED=log_alpha is not None, C=CHUNK, BK=_block(K, 256), BV=_block(V, 128), **LAUNCH,
-    )
+    if log_alpha is not None:  # see ``delta_state_grad_step`` for why only gated
+        delta_intra_grads_kernel[(N, B * H)](
+            q, k, do, log_alpha, d_pseudo, scale, T, N, H,
+            *_strides(q), *_strides(k), *_strides(do), *_strides(log_alpha), *_strides(d_pseudo),
+            K=K, V=V, C=CHUNK, BK=_block(K, 256), BV=_block(V, 128), **LAUNCH,
+        )
     BV = _block(V, SEQUENTIAL_BLOCK_V)
     delta_state_grads_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, w, do, _or(log_alpha, q), _or(d_final_state, d_initial), d_states, d_pseudo, d_initial, scale,
