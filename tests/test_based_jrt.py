@@ -332,7 +332,7 @@ def test_jrt_without_prefix_is_based_linear_attention():
         ({"prefix_len": 129}, "mixer_options['prefix_len']", "at most max_seq_len=128"),
         ({"prefix_len": -1}, "mixer_options['prefix_len']", "non-negative integer"),
         ({"feature_dim": 64}, "mixer_options['feature_dim']", "from 1 to 32"),
-        ({"window": 64}, "mixer_options['window']", "valid options: chunk_size, feature_dim, form, prefix_len"),
+        ({"window": 64}, "mixer_options['window']", "valid options: chunk_size, feature_dim, form, impl, prefix_len"),
     ],
 )
 def test_jrt_bad_options_raise_config_error(options, field, hint):
@@ -393,3 +393,25 @@ def test_jrt_prompt_feeds_any_mixer():
     for mixer in ("based", "jrt", "attention"):
         cfg = ModelConfig(mixer=mixer, vocab_size=64, d_model=D, n_heads=H, n_layers=2, max_seq_len=32)
         assert LanguageModel(cfg)(prompt).shape == (2, 16, 64)
+
+
+@pytest.mark.parametrize("name, options", [
+    pytest.param("based", {"pattern": ["linear"]}, id="based-linear"),
+    pytest.param("jrt", {"prefix_len": 11}, id="jrt-prefix11"),
+])
+def test_linear_layers_on_the_kernels_equal_pytorch(name, options):
+    """impl='triton' (Triton's interpreter here, the GPU there) against impl='torch' at the paper's
+    feature_dim = 16: 273 key channels (five key blocks of the chunk kernel, the last masked), Dh + 1 = 9
+    value channels; the output and every parameter's gradient, in float32 (the kernels' dtypes)."""
+    pytest.importorskip("triton")
+    mixers = {impl: make(name, {**options, "impl": impl}, torch.float32) for impl in ("triton", "torch")}
+    mixers["triton"].load_state_dict(mixers["torch"].state_dict())
+    x, dy = random_input(T=70, dtype=torch.float32), random_input(T=70, dtype=torch.float32, seed=2)
+    results = {}
+    for impl, mixer in mixers.items():
+        x_leaf = x.clone().requires_grad_()
+        y = mixer(x_leaf)
+        (y * dy).sum().backward()
+        results[impl] = [y, x_leaf.grad] + [p.grad for p in mixer.parameters()]
+    for got, want in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

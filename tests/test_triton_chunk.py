@@ -204,5 +204,5 @@ def test_bad_inputs_are_refused_with_the_fix():
         chunk_gated_recurrence(**(x | {"log_g": x["log_g"][..., :8]}))
     with pytest.raises(ValueError, match="initial_state must be"):
         chunk_gated_recurrence(**(x | {"initial_state": x["initial_state"][..., :8]}))
-    with pytest.raises(ValueError, match="head dims up to 256"):
-        chunk_gated_recurrence(x["q"], x["k"], x["v"].new_zeros(1, 1, 8, 512), None)
+    with pytest.raises(ValueError, match="head dims up to 1057"):
+        chunk_gated_recurrence(x["q"], x["k"], x["v"].new_zeros(1, 1, 8, 1088), None)

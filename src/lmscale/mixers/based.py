@@ -10,7 +10,8 @@ A Based model mixes three kinds of layer, chosen by the layer's index:
 
   (parallel form: o_t = Σ_{s≤t} (1 + s_ts + s_ts²/2) v_s / Σ_{s≤t} (1 + s_ts + s_ts²/2)). The
   denominator is ≥ (t + 1)/2, so no ε is needed. The state is [H, 1 + F + F², d_head + 1] (z rides
-  along as a column of ones appended to v), run by ``lmscale.ops.gated_recurrence`` without decay.
+  along as a column of ones appended to v), run by ``lmscale.ops.gated_recurrence`` without decay (on
+  CUDA its Triton kernel, option ``impl``; φ and the state in float32).
 - ``"sliding"``, softmax attention over a small sliding window (``window``, paper: 64): the
   ``attention`` mixer with ``window`` set, so decoding keeps the last ``window`` keys and values.
 - ``"conv"``, BaseConv (Arora et al. 2023, Zoology), a gated short convolution:
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from lmscale.config import ModelConfig
 from lmscale.mixers.attention import Attention
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
+from lmscale.ops.triton import IMPLS
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -68,6 +70,7 @@ LINEAR_ATTENTION_OPTIONS = {  # shared with JRT's prefix linear attention
                               "so the state grows as F² (the paper uses 16)", _is_feature_dim),
     "form": Option.choice("chunk", FORMS),
     "chunk_size": Option(64, "a positive integer", is_positive_int),
+    "impl": Option.choice("auto", IMPLS),
 }
 
 
@@ -95,10 +98,10 @@ class TaylorLinearAttention(Mixer):
     paper = "arora2024based"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, feature_dim: int = 16, form: str = "chunk",
-                 chunk_size: int = 64):
+                 chunk_size: int = 64, impl: str = "auto"):
         super().__init__()
         self.layer_idx = layer_idx
-        self.form, self.chunk_size = form, chunk_size
+        self.form, self.chunk_size, self.impl = form, chunk_size, impl
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.feature_dim = feature_dim
         self.expanded_dim = 1 + feature_dim + feature_dim**2  # K of the recurrence
@@ -132,7 +135,7 @@ class TaylorLinearAttention(Mixer):
         phi_k, v1 = self._features(x, self.k_proj, self.v_proj)
         o, final_state = gated_recurrence(self._queries(x), phi_k, v1, None, form=self.form, scale=1.0,
                                           initial_state=initial_state, output_final_state=return_state,
-                                          chunk_size=self.chunk_size)
+                                          chunk_size=self.chunk_size, impl=self.impl)
         return self._readout(o, x.dtype), final_state
 
     def forward(
@@ -242,7 +245,8 @@ class Based(Mixer):
 
     Options: ``pattern`` (kinds repeated over the depth; default the paper's unit), ``feature_dim`` (F of
     the linear layers, 1 … 32), ``window`` (the sliding layers' look-back), ``form`` and ``chunk_size``
-    (the linear layers' recurrence form; the other kinds have one form).
+    (the linear layers' recurrence form; the other kinds have one form) and ``impl`` (the linear layers'
+    kernels: ``lmscale.ops.triton.use_triton``; on CUDA the chunked Triton kernel without gates).
     """
 
     options: ClassVar[dict[str, Option]] = {
@@ -263,7 +267,8 @@ class Based(Mixer):
         self.kind = layer_kind(layer_idx, opts["pattern"])
         self.layer: Mixer
         if self.kind == "linear":
-            self.layer = TaylorLinearAttention(cfg, layer_idx, opts["feature_dim"], opts["form"], opts["chunk_size"])
+            self.layer = TaylorLinearAttention(cfg, layer_idx, opts["feature_dim"], opts["form"], opts["chunk_size"],
+                                               opts["impl"])
         elif self.kind == "sliding":
             window_cfg = dataclasses.replace(cfg, mixer="attention", mixer_options={"window": opts["window"]})
             self.layer = Attention(window_cfg, layer_idx)

@@ -71,7 +71,7 @@ class PrefixLinearAttention(TaylorLinearAttention):
         if opts["prefix_len"] > cfg.max_seq_len:
             raise ConfigError("mixer_options['prefix_len']", opts["prefix_len"],
                               f"must be at most max_seq_len={cfg.max_seq_len}: the prefix is part of the context")
-        super().__init__(cfg, layer_idx, opts["feature_dim"], opts["form"], opts["chunk_size"])
+        super().__init__(cfg, layer_idx, opts["feature_dim"], opts["form"], opts["chunk_size"], opts["impl"])
         self.prefix_len = opts["prefix_len"]
         if self.prefix_len:  # the encoder's own key and value projections
             self.k_enc_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.feature_dim, bias=False)

@@ -18,7 +18,10 @@ import torch
 from torch import Tensor
 
 IMPLS = ("auto", "triton", "torch")
-MAX_HEAD_DIM = 256  # a head's key or value channels held in one block of registers
+# Head widths the gated-recurrence kernels are tested at. Every kernel tiles D_k and D_v, so this bounds
+# what the tests cover rather than a register budget: up to Based's and JRT's widest Taylor feature map,
+# 1 + F + F² = 1057 key channels at F = 32.
+MAX_HEAD_DIM = 1057
 # the delta rule's sequential passes hold all D_k key channels of a state block in registers
 DELTA_RULE_MAX_HEAD_DIM = 128
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -37,8 +40,8 @@ def use_triton(impl: str, x: Tensor, head_dims: tuple[int, ...] = (), max_head_d
     """Whether an op on ``x`` runs its Triton kernel under the mixer option ``impl``.
 
     ``head_dims``: the per-head widths the kernel must hold (e.g. D_k, D_v). Shapes or dtypes the
-    kernels do not cover (float64, heads wider than ``MAX_HEAD_DIM`` such as Based's 273 feature
-    channels) run in PyTorch under ``"auto"`` and are an error under ``"triton"``. ``max_head_dim``: the
+    kernels do not cover (float64, heads wider than ``MAX_HEAD_DIM``) run in PyTorch under ``"auto"``
+    and are an error under ``"triton"``. ``max_head_dim``: the
     op's own limit where lower (the delta rule's ``DELTA_RULE_MAX_HEAD_DIM``).
     """
     if impl == "torch":

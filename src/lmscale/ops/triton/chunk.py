@@ -33,7 +33,7 @@ import torch
 import triton
 from torch import Tensor
 
-from lmscale.ops.triton import interpreting
+from lmscale.ops.triton import MAX_HEAD_DIM, interpreting
 from lmscale.ops.triton.chunk_bwd import (
     chunk_dqkg_kernel,
     chunk_dscores_kernel,
@@ -53,7 +53,6 @@ from lmscale.ops.triton.chunk_fwd import (
 )
 
 CHUNK_SIZES = (16, 32, 64, 128)
-MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16)
 # Tile caps, powers of two. Head dims are cut into blocks of ≤ BLOCK; the kernels that form a C×C score
 # matrix over all of D_k for each V block (output, dv) take D_v ≤ SCORES_BLOCK_V in one block so they
@@ -85,7 +84,7 @@ def chunk_gated_recurrence(
 ) -> tuple[Tensor, Tensor | None]:
     """S_t = diag(g_t) S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t, in Triton kernels.
 
-    q, k: [B, H, T, D_k]; v: [B, H, T, D_v] (D ≤ 256, any T ≥ 1); log_g ≤ 0: [B, H, T, D_k] (per key
+    q, k: [B, H, T, D_k]; v: [B, H, T, D_v] (D ≤ MAX_HEAD_DIM, any T ≥ 1); log_g ≤ 0: [B, H, T, D_k] (per key
     channel), [B, H, T] (per head) or None; initial_state: [B, H, D_k, D_v]. Returns o [B, H, T, D_v] in
     q's dtype and, if ``output_final_state``, the final state [B, H, D_k, D_v] in float32.
     chunk_size: 16, 32, 64 or 128.
