@@ -260,6 +260,33 @@ def test_mixer_layer_goes_on_past_a_mixer_whose_check_runs_out_of_memory(tmp_pat
     assert all("32.00 GiB" in r["error"] for r in records if r["status"] == "skipped")
 
 
+def test_mamba_layer_is_checked_against_its_memory_light_sequential_scan(tmp_path, monkeypatch):
+    """Mamba's PyTorch chunk scan at the 350M width asks 32 GiB in float32: its reference runs the
+    sequential scan, while the timed layers keep their own forms."""
+    import lmscale.mixers
+
+    built = []
+    build = lmscale.mixers.build_mixer
+
+    def spy(cfg, layer_idx):
+        built.append(cfg.mixer_options.get("scan", "chunk"))
+        return build(cfg, layer_idx)
+
+    monkeypatch.setattr(lmscale.mixers, "build_mixer", spy)
+    records, _ = run_suite(device="cpu", quick=True, ops=["mixer_layer"], mixers=["mamba"], out=tmp_path)
+    assert sorted(built) == ["chunk", "chunk", "sequential"]
+    assert records and all(r["status"] == "ok" and r["config"]["mixer"] == "mamba" for r in records)
+
+
+def test_an_implementation_out_of_memory_is_skipped_not_refused(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+
+    monkeypatch.setattr(kernels, "time_calls", out_of_memory)
+    records, _ = run_suite(device="cpu", quick=True, ops=["linear_attention"], out=tmp_path)
+    assert records and all(r["status"] == "skipped" and "17.00 GiB" in r["error"] for r in records)
+
+
 def test_a_profiler_that_fails_costs_the_breakdown_not_the_timing(tmp_path, monkeypatch):
     def no_profiler(*args, **kwargs):
         raise RuntimeError("CUPTI unavailable")

@@ -84,6 +84,10 @@ EXPERIMENT = "kernels"
 # relative error allowed against the upcast reference, by input dtype (the module docstring says why)
 TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3, torch.complex64: 1e-3}
 GATES = {"gla": "channel", "simple_gla": "head", "linear_attention": "none"}  # the chunked ops
+# mixer_layer's reference, where a mixer's default PyTorch form would not fit in float32: Mamba's chunk
+# scan holds [B, T, chunk, d_inner, N] decays (32 GiB at the 350M width, 16K tokens); its sequential
+# scan holds the states alone
+LAYER_REFERENCE_OPTIONS = {"mamba": {"scan": "sequential"}}
 # graphed decode steps: one graph runs this many steps over distinct input sets (a 24-layer model's
 # layers), and the time per step is the replay's over this: the graph's one launch spread as in a model
 STEPS_PER_GRAPH = 24
@@ -337,6 +341,8 @@ class _Run:
             timing = time_calls(calls, self.device, self.suite.budget)
         except Unavailable as e:
             return self.record(config, "skipped", error=str(e))
+        except torch.OutOfMemoryError as e:  # too large for this GPU: not a fault of the implementation
+            return self.record(config, "skipped", error=_describe(e))
         except Exception as e:  # noqa: BLE001 — whatever an implementation raises is its record's error
             return self.record(config, "refused", error=_describe(e))
         finally:
@@ -562,7 +568,7 @@ class _Run:
                 variants["torch"] = {"impl": "torch"}
             seed = self.case_seed("mixer_layer", name)
             # the reference runs on PyTorch; for mixers without kernels that is their only path
-            options = {**variants, "reference": variants.get("torch", {})}
+            options = {**variants, "reference": {**variants.get("torch", {}), **LAYER_REFERENCE_OPTIONS.get(name, {})}}
             try:
                 torch.manual_seed(seed)
                 cfgs = {impl: preset(s.mixer_preset, name, mixer_options=opts) for impl, opts in options.items()}
