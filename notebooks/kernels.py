@@ -247,6 +247,29 @@ else:
                      "--ops delta_rule,gated_delta_rule` makes them.*"))
 
 # %% [markdown]
+# ## LEAP's cumulative softmax
+#
+# LEAP's global layers (the last one, and every layer whose window reaches the context) compute two
+# causal softmax-weighted means, $o_t = \sum_{s \le t} e^{l_s} v_s / \sum_{s \le t} e^{l_s}$. The kernel
+# walks the sequence in chunks, each row referred to its own running maximum, so every weight is
+# $e^{l_s - m_t} \le 1$ and nothing is subtracted; the PyTorch chunk form folds the chunks in a Python loop.
+# Windowed layers keep the PyTorch form.
+
+# %%
+leap = ok[ok["op"] == "cumulative_softmax"] if have else ok
+if len(leap):
+    table = leap.pivot_table(index=["mode", "T"], columns="impl", values="ms").reset_index()
+    if {"ours", "torch"} <= set(table.columns):
+        table["torch / ours"] = table["torch"] / table["ours"]
+    display(caption("LEAP's global cumulative softmax, ms per batch of 32K tokens"))
+    display(plots.table(table, "cumulative_softmax", formats={c: "{:.3f}" for c in table.columns
+                                                              if c not in ("mode", "T")}))
+else:
+    display(Markdown("*No records of the cumulative-softmax kernel yet: it was written and checked in Triton's "
+                     "interpreter after the session's GPU time was spent; `python -m lmscale bench kernels "
+                     "--device cuda --ops cumulative_softmax` makes them.*"))
+
+# %% [markdown]
 # ## Decoding: one step of one layer
 #
 # A recurrent layer decodes with a fixed amount of work: read the state ($H \cdot D_k \cdot D_v$

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 from lmscale.config import ModelConfig
 from lmscale.mixers import build_mixer
 from lmscale.ops.delta_rule import naive_delta_rule
-from lmscale.ops.triton import interpreting
 from lmscale.ops.triton import delta_rule as triton_delta_module
+from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.delta_rule import chunk_delta_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

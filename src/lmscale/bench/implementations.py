@@ -145,6 +145,20 @@ def _reference_delta_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, lo
     return _reference_attention(q, k, v, None)
 
 
+# --- LEAP's global cumulative softmax: (logits [B, T, H], v [B, T, H, D]) -> o [B, T, H, D]
+
+
+def _ours_cumulative_softmax() -> Callable[..., Tensor]:
+    kernel = load("lmscale.ops.triton.cumulative_softmax", "cumulative_softmax")
+    return lambda logits, v: kernel(_bhtd(logits), _bhtd(v))[0].transpose(1, 2)
+
+
+def _torch_cumulative_softmax(logits: Tensor, v: Tensor) -> Tensor:
+    from lmscale.ops.cumulative_softmax import chunk_cumulative_softmax
+
+    return chunk_cumulative_softmax(_bhtd(logits), _bhtd(v), chunk_size=CHUNK_SIZE)[0].transpose(1, 2)
+
+
 # --- decoding: recurrent steps take (q_t, k_t, v_t, log_g_t [B, H, D], state [B, H, D, D]) -> (o_t, state)
 
 
@@ -246,6 +260,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "attention": _reference_attention,
     "delta_rule": _torch_delta,
     "delta_attention": _reference_delta_attention,
+    "cumulative_softmax": _torch_cumulative_softmax,
     "recurrence_step": _torch_step,
     "attention_decode": _reference_decode_attention,
     "lru_scan": _reference_lru_scan,
@@ -268,6 +283,8 @@ def default_impls() -> dict[str, dict[str, Impl]]:
                        "torch": torch_chunk, "sdpa": attention},
         "linear_attention": {"ours": ours_chunk, "torch": torch_chunk, "sdpa": attention},
         "delta_rule": delta, "gated_delta_rule": delta,
+        "cumulative_softmax": {"ours": Impl(_ours_cumulative_softmax, "cumulative_softmax"),
+                               "torch": Impl(lambda: _torch_cumulative_softmax, "cumulative_softmax")},
         "lru_scan": {"ours": Impl(_ours_lru_scan, "lru_scan"), "torch": Impl(lambda: _torch_lru_scan, "lru_scan")},
         "selective_scan": {"ours": Impl(_ours_selective_scan, "selective_scan"),
                            "torch": Impl(lambda: _torch_selective_scan, "selective_scan")},

@@ -7,6 +7,10 @@ Triton's interpreter):
 - ``gla`` (gate per key channel), ``simple_gla`` (one gate per head) and ``linear_attention`` (no
   gate): H = 16, D = 128, 32K tokens per batch at T = 2K, 8K, 32K, forward and forward+backward, for
   our chunk kernel, flash-linear-attention's, the PyTorch chunk form and causal SDPA (FlashAttention);
+- ``delta_rule``, ``gated_delta_rule``: the chunked delta rule (DeltaNet, Gated DeltaNet) at the same
+  sizes, ours vs fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``, the PyTorch chunk form and SDPA;
+- ``cumulative_softmax``: LEAP's global cumulative softmax at the same sizes, ours vs the PyTorch chunk
+  form;
 - ``lru_scan``: the LRU's complex scan at a 350M layer's width (N = d_model = 1024), and
   ``selective_scan``: Mamba's fused scan (d_inner = 2048, N = 16, 8K tokens per batch), ours vs the
   PyTorch chunk form, at T = 2K and 8K;
@@ -477,6 +481,26 @@ class _Run:
         shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "gate": "head" if gated else "none"}
         self._sequences(op, ("q", "k", "v", "beta", "a"), draw, s.seq_lens, s.tokens, counts, shape)
 
+    def cumulative_softmax(self) -> None:
+        """LEAP's global cumulative softmax (its global layers' two sums) at the suite's H and D: logits as
+        LEAP's focus makes them (a dot of unit-variance channels over √D, so N(0, 1)), values N(0, 1)."""
+        s, dtype, H, D = self.suite, self.suite.dtype, self.suite.heads, self.suite.head_dim
+
+        def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor]:
+            logits, v = self.randn(gen, B, T, H).to(dtype), self.randn(gen, B, T, H, D).to(dtype)
+            return [logits.requires_grad_(), v.requires_grad_(), self.randn(gen, B, T, H, D).to(dtype)]
+
+        def counts(B: int, T: int, mode: str, reference: str) -> tuple[int, int]:
+            # per chunk and head the causal [C, C] weights times [v, 1]; logits and v in, o out (and each
+            # row's m, z in float32); the backward reads logits, v, o, dO, m, z and writes dlogits, dv
+            C, N, size = CHUNK_SIZE, -(-T // CHUNK_SIZE), dtype.itemsize
+            flops = B * H * N * C * (C + 1) * (D + 1) * (1 if mode == "fwd" else 3)
+            per_row = size + 8 + 2 * D * size if mode == "fwd" else 2 * size + 8 + 6 * D * size
+            return flops, B * H * T * per_row
+
+        shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch.")}
+        self._sequences("cumulative_softmax", ("logits", "v"), draw, s.seq_lens, s.tokens, counts, shape)
+
     def lru_scan(self) -> None:
         """The LRU's complex scan at a 350M layer: N = d_model complex channels, |λ| in [0.9, 0.999]."""
         s, N = self.suite, self.suite.scan_width
@@ -855,7 +879,8 @@ def run_suite(
             {"ceiling": run.ceiling, "lru_scan": run.lru_scan, "selective_scan": run.selective_scan,
              "step": run.step, "model_step": run.model_step,
              "mixer_layer": run.mixer_layer, "delta_rule": partial(run.delta, op),
-             "gated_delta_rule": partial(run.delta, op)}.get(op, partial(run.chunked, op))()
+             "gated_delta_rule": partial(run.delta, op),
+             "cumulative_softmax": run.cumulative_softmax}.get(op, partial(run.chunked, op))()
         except Exception as e:  # noqa: BLE001 — outside any measurement (drawing inputs): go on to the next op
             run.log(f"!!! op {op} aborted: {_describe(e)}")
             _free(device)

@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from lmscale.config import ModelConfig
 from lmscale.mixers.attention import Attention
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.ops.triton import IMPLS
 from lmscale.ops.gated_recurrence import (
     FORMS,
     gated_recurrence,
@@ -49,6 +48,7 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence_flops,
     gated_recurrence_step,
 )
+from lmscale.ops.triton import IMPLS
 
 KINDS = ("conv", "linear", "sliding")
 PAPER_PATTERN = ("conv", "linear", "sliding", "conv", "conv")

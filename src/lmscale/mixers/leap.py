@@ -22,6 +22,8 @@ Options:
     form: "chunk" (O(T) in T and independent of k), "parallel" (quadratic reference), "naive"
         (token by token); they agree.
     chunk_size: the chunk of the chunk form (a window k uses chunks of min(chunk_size, k)).
+    impl: "auto" | "triton" | "torch" (``lmscale.ops.triton.use_triton``): on CUDA a global layer runs the
+        Triton cumulative softmax (``lmscale.ops.triton.cumulative_softmax``); windowed layers PyTorch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lmscale.ops.cumulative_softmax import (
     cumulative_softmax_flops,
     cumulative_softmax_step,
 )
+from lmscale.ops.triton import IMPLS
 
 BASE_WINDOW = 4  # LEAP's heuristic: layer l sees the last 4·2^l tokens
 
@@ -77,6 +80,7 @@ class Leap(Mixer):
         "window": Option("auto", "'auto', 'global' or an integer ≥ 1", _is_window),
         "form": Option.choice("chunk", FORMS),
         "chunk_size": Option(64, "a positive integer", is_positive_int),
+        "impl": Option.choice("auto", IMPLS),
     }
     forms_option = "form"
     family = "additive attention (LEAP)"
@@ -91,7 +95,7 @@ class Leap(Mixer):
                               "training; use 'global' or a window ≤ max_seq_len")
         self.layer_idx = layer_idx
         self.window = layer_window(opts["window"], layer_idx, cfg.n_layers, cfg.max_seq_len)
-        self.form, self.chunk_size = opts["form"], opts["chunk_size"]
+        self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -125,7 +129,7 @@ class Leap(Mixer):
     ) -> Tensor | tuple[Tensor, LeapState]:
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         kwargs = {"window": self.window, "form": self.form, "chunk_size": self.chunk_size,
-                  "output_final_state": return_state}
+                  "output_final_state": return_state, "impl": self.impl}
         q_mix, q_state = cumulative_softmax(self._focus(q, self.query_focus), q,
                                             initial_state=None if state is None else state.query, **kwargs)
         p = q_mix * k  # (B, H, T, Dh)

@@ -7,6 +7,7 @@ from torch import Tensor
 from lmscale.ops.cumulative_softmax.chunk import chunk_cumulative_softmax
 from lmscale.ops.cumulative_softmax.naive import CumulativeSoftmaxState, naive_cumulative_softmax
 from lmscale.ops.cumulative_softmax.parallel import parallel_cumulative_softmax
+from lmscale.ops.triton import use_triton
 
 FORMS = ("chunk", "parallel", "naive")
 
@@ -19,8 +20,17 @@ def cumulative_softmax(
     initial_state: CumulativeSoftmaxState | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    impl: str = "torch",
 ) -> tuple[Tensor, CumulativeSoftmaxState | None]:
-    """The op in the named form (one of ``FORMS``); every form returns the same (o, final_state)."""
+    """The op in the named form (one of ``FORMS``); every form returns the same (o, final_state).
+
+    ``impl`` (see ``lmscale.ops.triton``): when it resolves to Triton, a global op (``window=None``) runs
+    the Triton kernel whatever ``form`` says; windows always run the PyTorch forms.
+    """
+    if window is None and use_triton(impl, v, (v.shape[-1],)):
+        from lmscale.ops.triton.cumulative_softmax import cumulative_softmax as triton_cumulative_softmax
+
+        return triton_cumulative_softmax(logits, v, initial_state, output_final_state)
     kwargs = {"window": window, "initial_state": initial_state, "output_final_state": output_final_state}
     if form == "chunk":
         return chunk_cumulative_softmax(logits, v, chunk_size=chunk_size, **kwargs)

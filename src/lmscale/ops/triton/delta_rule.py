@@ -27,7 +27,11 @@ from lmscale.ops.triton import DELTA_RULE_MAX_HEAD_DIM as MAX_HEAD_DIM
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import DTYPES, LAUNCH, _block, _on_device_of, _or, _strides, _unit_last_stride
 from lmscale.ops.triton.chunk_fwd import GATE_NONE, GATE_SCALAR, chunk_output_kernel
-from lmscale.ops.triton.delta_rule_bwd import delta_grads_kernel, delta_intra_grads_kernel, delta_state_grads_kernel
+from lmscale.ops.triton.delta_rule_bwd import (
+    delta_grads_kernel,
+    delta_intra_grads_kernel,
+    delta_state_grads_kernel,
+)
 from lmscale.ops.triton.delta_rule_fwd import delta_inverse_kernel, delta_states_kernel, delta_wu_kernel
 
 CHUNK = 64
