@@ -249,25 +249,27 @@ else:
 # %% [markdown]
 # ## LEAP's cumulative softmax
 #
-# LEAP's global layers (the last one, and every layer whose window reaches the context) compute two
-# causal softmax-weighted means, $o_t = \sum_{s \le t} e^{l_s} v_s / \sum_{s \le t} e^{l_s}$. The kernel
-# walks the sequence in chunks, each row referred to its own running maximum, so every weight is
-# $e^{l_s - m_t} \le 1$ and nothing is subtracted; the PyTorch chunk form folds the chunks in a Python loop.
-# Windowed layers keep the PyTorch form.
+# Every LEAP layer computes two causal softmax-weighted means, $o_t = \sum_{s \in W_t} e^{l_s} v_s /
+# \sum_{s \in W_t} e^{l_s}$, over all of the past (global layers: the last one, and every layer whose
+# window $k = 4 \cdot 2^l$ reaches the context) or over the last $k$ tokens. The global kernel walks the
+# sequence in chunks, each row referred to its own running maximum, so every weight is $e^{l_s - m_t}
+# \le 1$; the windowed kernel treats the window as a band, flash-attention style (a scalar logit per
+# key, so a pair costs one multiply-add per channel). Neither subtracts anything. The PyTorch chunk form
+# folds chunks in a Python loop. Op `windowed_softmax` uses $k = 64$ (layer 4's).
 
 # %%
-leap = ok[ok["op"] == "cumulative_softmax"] if have else ok
+leap = ok[ok["op"].isin(["cumulative_softmax", "windowed_softmax"])] if have else ok
 if len(leap):
-    table = leap.pivot_table(index=["mode", "T"], columns="impl", values="ms").reset_index()
+    table = leap.pivot_table(index=["op", "mode", "T"], columns="impl", values="ms").reset_index()
     if {"ours", "torch"} <= set(table.columns):
         table["torch / ours"] = table["torch"] / table["ours"]
-    display(caption("LEAP's global cumulative softmax, ms per batch of 32K tokens"))
+    display(caption("LEAP's cumulative softmax, ms per batch of 32K tokens"))
     display(plots.table(table, "cumulative_softmax", formats={c: "{:.3f}" for c in table.columns
-                                                              if c not in ("mode", "T")}))
+                                                              if c not in ("op", "mode", "T")}))
 else:
-    display(Markdown("*No records of the cumulative-softmax kernel yet: it was written and checked in Triton's "
+    display(Markdown("*No records of the cumulative-softmax kernels yet: they were written and checked in Triton's "
                      "interpreter after the session's GPU time was spent; `python -m lmscale bench kernels "
-                     "--device cuda --ops cumulative_softmax` makes them.*"))
+                     "--device cuda --ops cumulative_softmax,windowed_softmax` makes them.*"))
 
 # %% [markdown]
 # ## Decoding: one step of one layer

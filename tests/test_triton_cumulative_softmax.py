@@ -1,4 +1,5 @@
-"""The Triton global cumulative softmax equals the token-by-token one: outputs, final states, gradients.
+"""The Triton cumulative softmax (global and windowed) equals the token-by-token one: outputs, final
+states, gradients.
 
 On a machine without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1
 first). The kernels walk chunks of 64 rows, so T > 64 and T not a multiple of 64 exercise the carried
@@ -16,8 +17,10 @@ from lmscale.config import ModelConfig
 from lmscale.mixers import build_mixer
 from lmscale.ops.cumulative_softmax import CumulativeSoftmaxState, naive_cumulative_softmax
 from lmscale.ops.triton import cumulative_softmax as triton_module
+from lmscale.ops.triton import cumulative_softmax_window as triton_window_module
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.cumulative_softmax import cumulative_softmax
+from lmscale.ops.triton.cumulative_softmax_window import windowed_cumulative_softmax
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,14 +53,14 @@ def reference(inputs, **kwargs):
     return run(naive_cumulative_softmax, inputs, torch.float64, **kwargs)
 
 
-def assert_all_close(got, want, rtol=1e-5):
-    """|got − want|∞ ≤ rtol · |want|∞ per tensor, every tensor finite."""
+def assert_all_close(got, want, rtol=1e-5, floor=1e-6):
+    """|got − want|∞ ≤ rtol · max(|want|∞, floor) per tensor, every tensor finite."""
     assert got.keys() == want.keys()
     for name in want:
         assert torch.isfinite(got[name]).all(), f"{name} is not finite"
         err = (got[name].double() - want[name].double()).abs().max().item()
         ref = want[name].abs().max().item()
-        assert err <= rtol * max(ref, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
+        assert err <= rtol * max(ref, floor), f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
 
 
 @pytest.mark.parametrize("B, H, T, D, with_state", [
@@ -120,10 +123,54 @@ def test_a_windowed_state_is_refused_with_the_fix():
         cumulative_softmax(inputs["logits"], inputs["v"], initial_state=state)
 
 
+def windowed(window):
+    """The windowed kernel with the PyTorch forms' signature (it starts from an empty state)."""
+    def op(logits, v, initial_state=None, output_final_state=False):
+        return windowed_cumulative_softmax(logits, v, window), None
+    return op
+
+
+def run_windowed(op, inputs, dtype=torch.float32):
+    leaves = {n: inputs[n].detach().to(dtype).clone().requires_grad_() for n in ("logits", "v")}
+    o, _ = op(leaves["logits"], leaves["v"])
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
+    (o * do).sum().backward()
+    return {"o": o, "dlogits": leaves["logits"].grad, "dv": leaves["v"].grad}
+
+
+@pytest.mark.parametrize("T, D, window", [
+    pytest.param(100, 16, 4, id="T100-k4"),
+    pytest.param(130, 24, 64, id="T130-k64"),
+    pytest.param(150, 40, 100, id="T150-D40-k100"),
+    pytest.param(200, 16, 500, id="k-beyond-T"),
+])
+def test_windowed_kernel_equals_naive(T, D, window):
+    """Windows shorter than, equal to and longer than a chunk of 64, and longer than the sequence."""
+    inputs = make_inputs(1, 2, T, D, with_state=False)
+    want = run_windowed(lambda logits, v: naive_cumulative_softmax(logits, v, window=window), inputs, torch.float64)
+    assert_all_close(run_windowed(windowed(window), inputs), want)
+
+
+def test_window_of_one_token_is_the_token_itself():
+    """k = 1: o_t = v_t, and the logits get no gradient (up to rounding: v·dv − o·dO cancels)."""
+    inputs = make_inputs(1, 1, 70, 16, with_state=False)
+    got = run_windowed(windowed(1), inputs)
+    torch.testing.assert_close(got["o"], inputs["v"])
+    assert got["dlogits"].abs().max() < 1e-5
+
+
+def test_windowed_large_logits_and_several_value_blocks(monkeypatch):
+    """Logits of ±200 (the largest leaves and enters windows) and value blocks of 16 over D = 40."""
+    monkeypatch.setattr(triton_window_module, "BLOCK_D", 16)
+    inputs = make_inputs(1, 2, 130, 40, with_state=False, logit_scale=60.0)
+    want = run_windowed(lambda logits, v: naive_cumulative_softmax(logits, v, window=30), inputs, torch.float64)
+    assert_all_close(run_windowed(windowed(30), inputs), want, rtol=1e-4)
+
+
 @pytest.mark.parametrize("window", ["global", 8], ids=["global", "window8"])
 def test_leap_on_the_kernels_equals_leap_on_pytorch(window):
-    """impl='triton' against impl='torch', the same weights: output and every parameter's gradient. A
-    windowed layer stays on PyTorch under any impl (the kernel is the global op)."""
+    """impl='triton' against impl='torch', the same weights: output and every parameter's gradient, for a
+    global layer and a windowed one."""
     torch.manual_seed(0)
     cfg = {impl: ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, mixer="leap",
                              mixer_options={"impl": impl, "window": window}) for impl in ("triton", "torch")}

@@ -7,4 +7,4 @@ is how anything here is timed. This package imports nothing heavy, so the CLI ca
 
 # the kernel suite's ops, in the order a full run measures them (the matmul/copy ceilings first)
 KERNEL_OPS = ("ceiling", "gla", "simple_gla", "linear_attention", "delta_rule", "gated_delta_rule",
-              "cumulative_softmax", "lru_scan", "selective_scan", "step", "model_step", "mixer_layer")
+              "cumulative_softmax", "windowed_softmax", "lru_scan", "selective_scan", "step", "model_step", "mixer_layer")

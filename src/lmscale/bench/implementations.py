@@ -19,6 +19,7 @@ from torch import Tensor
 CHUNK_SIZE = 64  # of our chunk kernel and fla's, for the analytic counts
 LRU_CHUNK_SIZE = 32  # the LRU mixer's default chunk for the PyTorch form
 MAMBA_CHUNK_SIZE, MAMBA_STATE = 16, 16  # the Mamba mixer's defaults: PyTorch chunk, N
+SOFTMAX_WINDOW = 64  # op windowed_softmax: LEAP's window at layer 4 (k = 4 · 2^l)
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,6 +160,18 @@ def _torch_cumulative_softmax(logits: Tensor, v: Tensor) -> Tensor:
     return chunk_cumulative_softmax(_bhtd(logits), _bhtd(v), chunk_size=CHUNK_SIZE)[0].transpose(1, 2)
 
 
+def _ours_windowed_softmax() -> Callable[..., Tensor]:
+    kernel = load("lmscale.ops.triton.cumulative_softmax_window", "windowed_cumulative_softmax")
+    return lambda logits, v: kernel(_bhtd(logits), _bhtd(v), SOFTMAX_WINDOW).transpose(1, 2)
+
+
+def _torch_windowed_softmax(logits: Tensor, v: Tensor) -> Tensor:
+    from lmscale.ops.cumulative_softmax import chunk_cumulative_softmax
+
+    o, _ = chunk_cumulative_softmax(_bhtd(logits), _bhtd(v), window=SOFTMAX_WINDOW, chunk_size=CHUNK_SIZE)
+    return o.transpose(1, 2)
+
+
 # --- decoding: recurrent steps take (q_t, k_t, v_t, log_g_t [B, H, D], state [B, H, D, D]) -> (o_t, state)
 
 
@@ -261,6 +274,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "delta_rule": _torch_delta,
     "delta_attention": _reference_delta_attention,
     "cumulative_softmax": _torch_cumulative_softmax,
+    "windowed_softmax": _torch_windowed_softmax,
     "recurrence_step": _torch_step,
     "attention_decode": _reference_decode_attention,
     "lru_scan": _reference_lru_scan,
@@ -285,6 +299,8 @@ def default_impls() -> dict[str, dict[str, Impl]]:
         "delta_rule": delta, "gated_delta_rule": delta,
         "cumulative_softmax": {"ours": Impl(_ours_cumulative_softmax, "cumulative_softmax"),
                                "torch": Impl(lambda: _torch_cumulative_softmax, "cumulative_softmax")},
+        "windowed_softmax": {"ours": Impl(_ours_windowed_softmax, "windowed_softmax"),
+                             "torch": Impl(lambda: _torch_windowed_softmax, "windowed_softmax")},
         "lru_scan": {"ours": Impl(_ours_lru_scan, "lru_scan"), "torch": Impl(lambda: _torch_lru_scan, "lru_scan")},
         "selective_scan": {"ours": Impl(_ours_selective_scan, "selective_scan"),
                            "torch": Impl(lambda: _torch_selective_scan, "selective_scan")},

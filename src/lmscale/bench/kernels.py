@@ -9,8 +9,8 @@ Triton's interpreter):
   our chunk kernel, flash-linear-attention's, the PyTorch chunk form and causal SDPA (FlashAttention);
 - ``delta_rule``, ``gated_delta_rule``: the chunked delta rule (DeltaNet, Gated DeltaNet) at the same
   sizes, ours vs fla's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``, the PyTorch chunk form and SDPA;
-- ``cumulative_softmax``: LEAP's global cumulative softmax at the same sizes, ours vs the PyTorch chunk
-  form;
+- ``cumulative_softmax``, ``windowed_softmax``: LEAP's cumulative softmax, global and over a window of
+  ``SOFTMAX_WINDOW`` tokens, at the same sizes, ours vs the PyTorch chunk form;
 - ``lru_scan``: the LRU's complex scan at a 350M layer's width (N = d_model = 1024), and
   ``selective_scan``: Mamba's fused scan (d_inner = 2048, N = 16, 8K tokens per batch), ours vs the
   PyTorch chunk form, at T = 2K and 8K;
@@ -66,6 +66,7 @@ from lmscale.bench.implementations import (
     CHUNK_SIZE,
     MAMBA_STATE,
     REFERENCES,
+    SOFTMAX_WINDOW,
     Impl,
     Unavailable,
     default_impls,
@@ -481,10 +482,12 @@ class _Run:
         shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "gate": "head" if gated else "none"}
         self._sequences(op, ("q", "k", "v", "beta", "a"), draw, s.seq_lens, s.tokens, counts, shape)
 
-    def cumulative_softmax(self) -> None:
-        """LEAP's global cumulative softmax (its global layers' two sums) at the suite's H and D: logits as
-        LEAP's focus makes them (a dot of unit-variance channels over √D, so N(0, 1)), values N(0, 1)."""
+    def cumulative_softmax(self, op: str) -> None:
+        """LEAP's cumulative softmax (op cumulative_softmax: global; windowed_softmax: window
+        ``SOFTMAX_WINDOW``) at the suite's H and D: logits as LEAP's focus makes them (a dot of unit-variance
+        channels over √D, so N(0, 1)), values N(0, 1)."""
         s, dtype, H, D = self.suite, self.suite.dtype, self.suite.heads, self.suite.head_dim
+        window = SOFTMAX_WINDOW if op == "windowed_softmax" else None
 
         def draw(B: int, T: int, gen: torch.Generator) -> list[Tensor]:
             logits, v = self.randn(gen, B, T, H).to(dtype), self.randn(gen, B, T, H, D).to(dtype)
@@ -494,12 +497,13 @@ class _Run:
             # per chunk and head the causal [C, C] weights times [v, 1]; logits and v in, o out (and each
             # row's m, z in float32); the backward reads logits, v, o, dO, m, z and writes dlogits, dv
             C, N, size = CHUNK_SIZE, -(-T // CHUNK_SIZE), dtype.itemsize
-            flops = B * H * N * C * (C + 1) * (D + 1) * (1 if mode == "fwd" else 3)
+            pairs = C * (C + 1) // 2 if window is None else C * window  # per chunk: causal pairs or the band
+            flops = B * H * N * pairs * 2 * (D + 1) * (1 if mode == "fwd" else 3)
             per_row = size + 8 + 2 * D * size if mode == "fwd" else 2 * size + 8 + 6 * D * size
             return flops, B * H * T * per_row
 
-        shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch.")}
-        self._sequences("cumulative_softmax", ("logits", "v"), draw, s.seq_lens, s.tokens, counts, shape)
+        shape = {"H": H, "D": D, "dtype": str(dtype).removeprefix("torch."), "window": window}
+        self._sequences(op, ("logits", "v"), draw, s.seq_lens, s.tokens, counts, shape)
 
     def lru_scan(self) -> None:
         """The LRU's complex scan at a 350M layer: N = d_model complex channels, |λ| in [0.9, 0.999]."""
@@ -880,7 +884,8 @@ def run_suite(
              "step": run.step, "model_step": run.model_step,
              "mixer_layer": run.mixer_layer, "delta_rule": partial(run.delta, op),
              "gated_delta_rule": partial(run.delta, op),
-             "cumulative_softmax": run.cumulative_softmax}.get(op, partial(run.chunked, op))()
+             "cumulative_softmax": partial(run.cumulative_softmax, op),
+             "windowed_softmax": partial(run.cumulative_softmax, op)}.get(op, partial(run.chunked, op))()
         except Exception as e:  # noqa: BLE001 — outside any measurement (drawing inputs): go on to the next op
             run.log(f"!!! op {op} aborted: {_describe(e)}")
             _free(device)

@@ -22,8 +22,9 @@ Options:
     form: "chunk" (O(T) in T and independent of k), "parallel" (quadratic reference), "naive"
         (token by token); they agree.
     chunk_size: the chunk of the chunk form (a window k uses chunks of min(chunk_size, k)).
-    impl: "auto" | "triton" | "torch" (``lmscale.ops.triton.use_triton``): on CUDA a global layer runs the
-        Triton cumulative softmax (``lmscale.ops.triton.cumulative_softmax``); windowed layers PyTorch.
+    impl: "auto" | "triton" | "torch" (``lmscale.ops.triton.use_triton``): on CUDA the Triton cumulative
+        softmax (``lmscale.ops.triton.cumulative_softmax``, ``…_window``): global layers always, windowed
+        ones in training (a windowed decoding state comes from the PyTorch forms).
 """
 
 from __future__ import annotations

@@ -24,13 +24,19 @@ def cumulative_softmax(
 ) -> tuple[Tensor, CumulativeSoftmaxState | None]:
     """The op in the named form (one of ``FORMS``); every form returns the same (o, final_state).
 
-    ``impl`` (see ``lmscale.ops.triton``): when it resolves to Triton, a global op (``window=None``) runs
-    the Triton kernel whatever ``form`` says; windows always run the PyTorch forms.
+    ``impl`` (see ``lmscale.ops.triton``): when it resolves to Triton, the Triton kernels run whatever
+    ``form`` says: the global op always, a window from an empty state without a final state (training;
+    a windowed decoding state is built by the PyTorch forms).
     """
-    if window is None and use_triton(impl, v, (v.shape[-1],)):
-        from lmscale.ops.triton.cumulative_softmax import cumulative_softmax as triton_cumulative_softmax
+    windowed_kernel = window is not None and initial_state is None and not output_final_state
+    if (window is None or windowed_kernel) and use_triton(impl, v, (v.shape[-1],)):
+        if window is None:
+            from lmscale.ops.triton.cumulative_softmax import cumulative_softmax as triton_global
 
-        return triton_cumulative_softmax(logits, v, initial_state, output_final_state)
+            return triton_global(logits, v, initial_state, output_final_state)
+        from lmscale.ops.triton.cumulative_softmax_window import windowed_cumulative_softmax
+
+        return windowed_cumulative_softmax(logits, v, window), None
     kwargs = {"window": window, "initial_state": initial_state, "output_final_state": output_final_state}
     if form == "chunk":
         return chunk_cumulative_softmax(logits, v, chunk_size=chunk_size, **kwargs)
