@@ -330,30 +330,39 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_inputs(q, k, v, log_g, initial_state, chunk_size) -> None:
+def check_heads(q, k, v, initial_state, max_head_dim: int = MAX_HEAD_DIM) -> None:
+    """What every chunked kernel asks of q, k, v and the initial state (each op adds its gates' checks)."""
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError("q, k must be [B, H, T, D_k] and v [B, H, T, D_v]; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
         raise ValueError(f"q, k, v must share one dtype, float32 or bfloat16; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}: cast them, or use the PyTorch form (impl='torch') for other dtypes")
-    B, H, T, K = q.shape
+    B, H, _, K = q.shape
     V = v.shape[-1]
-    if max(K, V) > MAX_HEAD_DIM:
-        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D_k={K}, D_v={V}: split heads "
+    if max(K, V) > max_head_dim:
+        raise ValueError(f"head dims up to {max_head_dim} are supported, got D_k={K}, D_v={V}: split heads "
                          "or use the PyTorch form (impl='torch')")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, D_k, D_v] = {(B, H, K, V)}, "
+                         f"got {tuple(initial_state.shape)}")
+    require_device(q)
+
+
+def require_device(x: Tensor) -> None:
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {x.device.type}; set TRITON_INTERPRET=1 "
+                           "before importing lmscale to interpret them on the CPU, or use the PyTorch form")
+
+
+def _check_inputs(q, k, v, log_g, initial_state, chunk_size) -> None:
+    check_heads(q, k, v, initial_state)
+    B, H, T, K = q.shape
     if log_g is not None and (tuple(log_g.shape) not in ((B, H, T, K), (B, H, T))
                               or not log_g.is_floating_point()):
         raise ValueError(f"log_g must be a float tensor [B, H, T, D_k] = {(B, H, T, K)} (per channel) or "
                          f"[B, H, T] = {(B, H, T)} (per head), or None; "
                          f"got {tuple(log_g.shape)} {log_g.dtype}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, D_k, D_v] = {(B, H, K, V)}, "
-                         f"got {tuple(initial_state.shape)}")
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, "
                          f"got {chunk_size}")
-    if not (q.is_cuda or interpreting()):
-        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device.type}; "
-                           "set TRITON_INTERPRET=1 "
-                           "before importing lmscale to interpret them on the CPU, or use the PyTorch form")

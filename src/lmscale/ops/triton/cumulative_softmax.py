@@ -27,7 +27,14 @@ from torch import Tensor
 
 from lmscale.ops.cumulative_softmax.naive import CumulativeSoftmaxState, compute_dtype, empty_max
 from lmscale.ops.triton import interpreting
-from lmscale.ops.triton.chunk import DTYPES, _block, _on_device_of, _strides, _unit_last_stride
+from lmscale.ops.triton.chunk import (
+    DTYPES,
+    _block,
+    _on_device_of,
+    _strides,
+    _unit_last_stride,
+    require_device,
+)
 from lmscale.ops.triton.chunk_fwd import load_tile, store_tile
 
 CHUNK = 64
@@ -202,14 +209,7 @@ def cumulative_softmax(
 ) -> tuple[Tensor, CumulativeSoftmaxState | None]:
     """Global cumulative softmax-weighted sums in Triton: logits [B, H, T] (any strides), v [B, H, T, D]
     -> o [B, H, T, D] in v's dtype and, if asked, the final state (float32), as the PyTorch forms."""
-    B, H, T, _ = v.shape
-    if tuple(logits.shape) != (B, H, T) or v.dtype not in DTYPES or not logits.is_floating_point():
-        raise ValueError(f"logits must be a float tensor [B, H, T] = {(B, H, T)} and v float32 or bfloat16 "
-                         f"[B, H, T, D]; got logits {tuple(logits.shape)} {logits.dtype}, v {v.dtype}: "
-                         "use the PyTorch forms (impl='torch') for other dtypes")
-    if not (v.is_cuda or interpreting()):
-        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {v.device.type}; set TRITON_INTERPRET=1 "
-                           "before importing lmscale to interpret them on the CPU, or use the PyTorch form")
+    check_inputs(logits, v)
     if initial_state is not None and initial_state.block_logits is not None:
         raise ValueError("the Triton cumulative softmax is the global one; a windowed state runs the PyTorch forms")
     init_max = init_sum = None
@@ -218,6 +218,16 @@ def cumulative_softmax(
     with _on_device_of(v):
         o, final_max, final_sum = CumulativeSoftmax.apply(logits, _unit_last_stride(v), init_max, init_sum)
     return o, CumulativeSoftmaxState(final_max, final_sum) if output_final_state else None
+
+
+def check_inputs(logits: Tensor, v: Tensor) -> None:
+    """What both cumulative-softmax kernels ask of their inputs."""
+    B, H, T, _ = v.shape
+    if tuple(logits.shape) != (B, H, T) or v.dtype not in DTYPES or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor [B, H, T] = {(B, H, T)} and v float32 or bfloat16 "
+                         f"[B, H, T, D]; got logits {tuple(logits.shape)} {logits.dtype}, v {v.dtype}: "
+                         "use the PyTorch forms (impl='torch') for other dtypes")
+    require_device(v)
 
 
 class CumulativeSoftmax(torch.autograd.Function):

@@ -22,9 +22,9 @@ import triton.language as tl
 from torch import Tensor
 
 from lmscale.ops.triton import interpreting
-from lmscale.ops.triton.chunk import DTYPES, _block, _on_device_of, _strides, _unit_last_stride
+from lmscale.ops.triton.chunk import _block, _on_device_of, _strides, _unit_last_stride
 from lmscale.ops.triton.chunk_fwd import load_tile, store_tile
-from lmscale.ops.triton.cumulative_softmax import BLOCK_D, CHUNK, EMPTY, LAUNCH
+from lmscale.ops.triton.cumulative_softmax import BLOCK_D, CHUNK, EMPTY, LAUNCH, check_inputs
 
 
 @triton.jit
@@ -149,11 +149,7 @@ def windowed_softmax_bwd_kernel(
 def windowed_cumulative_softmax(logits: Tensor, v: Tensor, window: int) -> Tensor:
     """Windowed cumulative softmax-weighted sums in Triton from an empty state: logits [B, H, T] (any
     strides), v [B, H, T, D], window k ≥ 1 -> o [B, H, T, D] in v's dtype and layout."""
-    B, H, T, _ = v.shape
-    if tuple(logits.shape) != (B, H, T) or v.dtype not in DTYPES or not logits.is_floating_point():
-        raise ValueError(f"logits must be a float tensor [B, H, T] = {(B, H, T)} and v float32 or bfloat16 "
-                         f"[B, H, T, D]; got logits {tuple(logits.shape)} {logits.dtype}, v {v.dtype}: "
-                         "use the PyTorch forms (impl='torch') for other dtypes")
+    check_inputs(logits, v)
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an integer ≥ 1, got {window!r}")
     with _on_device_of(v):

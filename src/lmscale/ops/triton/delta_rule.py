@@ -25,7 +25,15 @@ from torch import Tensor
 
 from lmscale.ops.triton import DELTA_RULE_MAX_HEAD_DIM as MAX_HEAD_DIM
 from lmscale.ops.triton import interpreting
-from lmscale.ops.triton.chunk import DTYPES, LAUNCH, _block, _on_device_of, _or, _strides, _unit_last_stride
+from lmscale.ops.triton.chunk import (
+    LAUNCH,
+    _block,
+    _on_device_of,
+    _or,
+    _strides,
+    _unit_last_stride,
+    check_heads,
+)
 from lmscale.ops.triton.chunk_fwd import GATE_NONE, GATE_SCALAR, chunk_output_kernel
 from lmscale.ops.triton.delta_rule_bwd import (
     delta_grads_kernel,
@@ -209,24 +217,9 @@ def _grads(q, k, v, beta, log_alpha, t_inv, states, d_states, pseudo, d_pseudo, 
 
 
 def _check_inputs(q, k, v, beta, log_alpha, initial_state) -> None:
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError("q, k must be [B, H, T, D_k] and v [B, H, T, D_v]; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"q, k, v must share one dtype, float32 or bfloat16; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}: cast them, or use the PyTorch form (impl='torch') for other dtypes")
-    B, H, T, K = q.shape
-    V = v.shape[-1]
-    if max(K, V) > MAX_HEAD_DIM:
-        raise ValueError(f"the delta-rule kernels take head dims up to {MAX_HEAD_DIM}, got D_k={K}, D_v={V}: "
-                         "split heads or use the PyTorch form (impl='torch')")
+    check_heads(q, k, v, initial_state, MAX_HEAD_DIM)
+    B, H, T, _ = q.shape
     for name, x in (("beta", beta), ("log_alpha", log_alpha)):
         if x is not None and (tuple(x.shape) != (B, H, T) or not x.is_floating_point()):
             raise ValueError(f"{name} must be a float tensor [B, H, T] = {(B, H, T)}, "
                              f"got {tuple(x.shape)} {x.dtype}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, D_k, D_v] = {(B, H, K, V)}, "
-                         f"got {tuple(initial_state.shape)}")
-    if not (q.is_cuda or interpreting()):
-        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device.type}; set TRITON_INTERPRET=1 "
-                           "before importing lmscale to interpret them on the CPU, or use the PyTorch form")
