@@ -24,6 +24,8 @@
 #   with a gate per key channel (GLA), one per head (simple GLA, RetNet, Mamba-2-style
 #   {cite:p}`dao2024mamba2`) and none (linear attention {cite:p}`katharopoulos2020transformers`),
 #   forward and forward+backward, $H = 16$ heads of $D = 128$, 32K tokens per batch;
+# - the **delta rule** of DeltaNet and Gated DeltaNet {cite:p}`yang2024deltanet`, chunked through the
+#   WY transform, against fla's kernels, and **LEAP's cumulative softmax**, global and windowed;
 # - the **diagonal scans** of the LRU {cite:p}`orvieto2023lru` and Mamba {cite:p}`gu2023mamba`;
 # - **one decoding step** of one layer, eager and captured in a CUDA graph, against attention over a
 #   KV cache of 1K to 256K tokens, and the step of a whole 24-layer GLA model.
