@@ -214,7 +214,8 @@ if have:
 # states, and the output is the gated recurrence's with $U'$ as values. Our kernels invert $I + A$ in
 # 16-row blocks (forward substitution inside the four diagonal blocks, six block products for the
 # rest) and compute every gradient of a chunk (through $T$, $W$, $U$, the decays and $\beta$) in one
-# parallel kernel after one sequential pass for the state gradients. Same sizes as above: H = 16, D = 128,
+# parallel kernel after one sequential pass for the state gradients (gated: preceded by a parallel pass
+# for the pseudo-values' intra-chunk gradient, which kept the sequential pass from spilling registers). Same sizes as above: H = 16, D = 128,
 # 32K tokens per batch; q, k L2-normalised and β = sigmoid(·) as the mixers make them; Gated DeltaNet's
 # per-head log α spans $[-1.6, -10^{-3}]$, its initialisation's range. fla's peers are `chunk_delta_rule`
 # and `chunk_gated_delta_rule`.
