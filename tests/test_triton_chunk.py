@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from kernel_checks import assert_all_close
+
 from lmscale.ops.gated_recurrence import chunk_gated_recurrence as torch_chunk
 from lmscale.ops.gated_recurrence import naive_gated_recurrence
 from lmscale.ops.triton import chunk as triton_chunk_module
@@ -62,19 +64,6 @@ def run(op, inputs, use_output=True, use_final_state=True, **kwargs):
 def reference(inputs, **kwargs):
     as_float64 = {n: None if t is None else t.double() for n, t in inputs.items()}
     return run(naive_gated_recurrence, as_float64, **kwargs)
-
-
-def assert_all_close(got, want, rtol=1e-4):
-    """|got − want|∞ ≤ rtol · |want|∞ per tensor, every tensor finite (no reference gradient: zeros)."""
-    assert got.keys() == want.keys()
-    for name in want:
-        if want[name] is None:
-            assert got[name] is None or not got[name].any(), f"{name} should be zero"
-            continue
-        assert torch.isfinite(got[name]).all(), f"{name} is not finite"
-        err = (got[name].double() - want[name].double()).abs().max().item()
-        ref = want[name].abs().max().item()
-        assert err <= rtol * max(ref, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
 
 
 SHAPES = [  # B, H, T, D_k, D_v, chunk_size, initial state

@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from lmscale.config import ModelConfig
-from lmscale.mixers import build_mixer
+from kernel_checks import assert_all_close, assert_layer_on_kernels_equals_pytorch
+
 from lmscale.ops.cumulative_softmax import CumulativeSoftmaxState, naive_cumulative_softmax
 from lmscale.ops.triton import cumulative_softmax as triton_module
 from lmscale.ops.triton import cumulative_softmax_window as triton_window_module
@@ -53,16 +53,6 @@ def reference(inputs, **kwargs):
     return run(naive_cumulative_softmax, inputs, torch.float64, **kwargs)
 
 
-def assert_all_close(got, want, rtol=1e-5, floor=1e-6):
-    """|got − want|∞ ≤ rtol · max(|want|∞, floor) per tensor, every tensor finite."""
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.isfinite(got[name]).all(), f"{name} is not finite"
-        err = (got[name].double() - want[name].double()).abs().max().item()
-        ref = want[name].abs().max().item()
-        assert err <= rtol * max(ref, floor), f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
-
-
 @pytest.mark.parametrize("B, H, T, D, with_state", [
     pytest.param(2, 1, 1, 16, True, id="T1"),
     pytest.param(1, 2, 64, 24, False, id="one-full-chunk-no-state"),
@@ -71,14 +61,14 @@ def assert_all_close(got, want, rtol=1e-5, floor=1e-6):
 ])
 def test_triton_cumulative_softmax_equals_naive(B, H, T, D, with_state):
     inputs = make_inputs(B, H, T, D, with_state)
-    assert_all_close(run(cumulative_softmax, inputs), reference(inputs))
+    assert_all_close(run(cumulative_softmax, inputs), reference(inputs), rtol=1e-5)
 
 
 def test_several_value_blocks(monkeypatch):
     """Blocks of 16 cut D = 40 into two full blocks and a half-masked one; dl sums their parts."""
     monkeypatch.setattr(triton_module, "BLOCK_D", 16)
     inputs = make_inputs(1, 2, 90, 40)
-    assert_all_close(run(cumulative_softmax, inputs), reference(inputs))
+    assert_all_close(run(cumulative_softmax, inputs), reference(inputs), rtol=1e-5)
 
 
 def test_large_logits_stay_finite():
@@ -92,7 +82,7 @@ def test_large_logits_stay_finite():
 def test_gradient_through_output_or_final_state_alone(use_output, use_final_state):
     inputs = make_inputs(1, 2, 77, 16)
     flags = {"use_output": use_output, "use_final_state": use_final_state}
-    assert_all_close(run(cumulative_softmax, inputs, **flags), reference(inputs, **flags))
+    assert_all_close(run(cumulative_softmax, inputs, **flags), reference(inputs, **flags), rtol=1e-5)
 
 
 def test_views_of_batch_time_head_memory_are_used_in_place():
@@ -104,7 +94,7 @@ def test_views_of_batch_time_head_memory_are_used_in_place():
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
     dl, dv = torch.autograd.grad((o * do).sum(), [logits, v])
     want = run(naive_cumulative_softmax, inputs, torch.float64, use_final_state=False)
-    assert_all_close({"o": o, "dlogits": dl, "dv": dv}, {n: want[n] for n in ("o", "dlogits", "dv")})
+    assert_all_close({"o": o, "dlogits": dl, "dv": dv}, {n: want[n] for n in ("o", "dlogits", "dv")}, rtol=1e-5)
     assert o.stride() == v.stride() and dv.stride() == v.stride()
 
 
@@ -148,7 +138,7 @@ def test_windowed_kernel_equals_naive(T, D, window):
     """Windows shorter than, equal to and longer than a chunk of 64, and longer than the sequence."""
     inputs = make_inputs(1, 2, T, D, with_state=False)
     want = run_windowed(lambda logits, v: naive_cumulative_softmax(logits, v, window=window), inputs, torch.float64)
-    assert_all_close(run_windowed(windowed(window), inputs), want)
+    assert_all_close(run_windowed(windowed(window), inputs), want, rtol=1e-5)
 
 
 def test_window_of_one_token_is_the_token_itself():
@@ -169,17 +159,5 @@ def test_windowed_large_logits_and_several_value_blocks(monkeypatch):
 
 @pytest.mark.parametrize("window", ["global", 8], ids=["global", "window8"])
 def test_leap_on_the_kernels_equals_leap_on_pytorch(window):
-    """impl='triton' against impl='torch', the same weights: output and every parameter's gradient, for a
-    global layer and a windowed one."""
-    torch.manual_seed(0)
-    cfg = {impl: ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, mixer="leap",
-                             mixer_options={"impl": impl, "window": window}) for impl in ("triton", "torch")}
-    layers = {impl: build_mixer(c, 0).to(DEVICE) for impl, c in cfg.items()}
-    layers["triton"].load_state_dict(layers["torch"].state_dict())
-    x = torch.randn(2, 70, 32, device=DEVICE)
-    out = {}
-    for impl, layer in layers.items():
-        y = layer(x)
-        y.square().sum().backward()
-        out[impl] = {"y": y, **{n: p.grad for n, p in layer.named_parameters()}}
-    assert_all_close(out["triton"], out["torch"], rtol=1e-4)
+    """A global layer and a windowed one: output and every parameter's gradient."""
+    assert_layer_on_kernels_equals_pytorch("leap", {"window": window}, DEVICE)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from lmscale.config import ModelConfig
-from lmscale.mixers import build_mixer
+from kernel_checks import assert_all_close, assert_layer_on_kernels_equals_pytorch
+
 from lmscale.ops.delta_rule import naive_delta_rule
 from lmscale.ops.triton import delta_rule as triton_delta_module
 from lmscale.ops.triton import interpreting
@@ -58,19 +58,6 @@ def run(op, inputs, use_output=True, use_final_state=True):
 
 def reference(inputs, **kwargs):
     return run(naive_delta_rule, {n: None if t is None else t.double() for n, t in inputs.items()}, **kwargs)
-
-
-def assert_all_close(got, want, rtol=1e-4):
-    """|got − want|∞ ≤ rtol · |want|∞ per tensor, every tensor finite (no reference gradient: zeros)."""
-    assert got.keys() == want.keys()
-    for name in want:
-        if want[name] is None:
-            assert got[name] is None or not got[name].any(), f"{name} should be zero"
-            continue
-        assert torch.isfinite(got[name]).all(), f"{name} is not finite"
-        err = (got[name].double() - want[name].double()).abs().max().item()
-        ref = want[name].abs().max().item()
-        assert err <= rtol * max(ref, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {ref:.3g}"
 
 
 SHAPES = [  # B, H, T, D_k, D_v, initial state
@@ -169,17 +156,4 @@ def test_bad_inputs_are_refused_with_the_fix():
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_mixer_on_the_kernels_equals_the_mixer_on_pytorch(name):
-    """impl='triton' (the interpreter here, the GPU there) against impl='torch', the same weights: the
-    layer's output and every parameter's gradient."""
-    torch.manual_seed(0)
-    cfg = {impl: ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, mixer=name,
-                             mixer_options={"impl": impl}) for impl in ("triton", "torch")}
-    layers = {impl: build_mixer(c, 0).to(DEVICE) for impl, c in cfg.items()}
-    layers["triton"].load_state_dict(layers["torch"].state_dict())
-    x = torch.randn(2, 70, 32, device=DEVICE)
-    out = {}
-    for impl, layer in layers.items():
-        y = layer(x)
-        y.square().sum().backward()
-        out[impl] = {"y": y, **{n: p.grad for n, p in layer.named_parameters()}}
-    assert_all_close(out["triton"], out["torch"], rtol=1e-4)
+    assert_layer_on_kernels_equals_pytorch(name, {}, DEVICE)
