@@ -9,10 +9,10 @@ included), K̃ = K ⊙ exp(b_L − b) and G_n the gradient w.r.t. the state leav
 
 1. (gated only) ``delta_intra_grads_kernel``, grid (N, B·H): scale · Pᵀ dO into the dU' buffer; then
    ``delta_state_grads_kernel``, grid (B·H, ⌈D_v/BV⌉), reverse over chunks, all key channels in one
-   block: adds K̃ G_n to it (without gates it forms Pᵀ dO itself) and stores G_n ([B·H, N, D_k, D_v], input dtype); dU' is [B, H, T, D_v] in
-   the input dtype.
-2. ``delta_grads_kernel``, grid (N, B·H), everything else of one chunk, looping over V blocks for the
-   sums over value channels:
+   block: adds K̃ G_n to it (without gates it forms Pᵀ dO itself) and stores G_n ([B·H, N, D_k, D_v],
+   input dtype); dU' is [B, H, T, D_v] in the input dtype.
+2. ``delta_grads_kernel``, grid (N, B·H), everything else of one chunk, in three passes over the V
+   blocks for the sums over value channels:
        dQ = scale · [diag(γ) dO S_nᵀ + (dP ⊙ Γ) K],  dP = tril(dO U'ᵀ)
        dK̃ = U' G_nᵀ,   dW = −dU' S_nᵀ
        W = T diag(βγ) K, U = T diag(β) V:  dT = dW (βγK)ᵀ + dU (βV)ᵀ, dV = diag(β) Tᵀ dU
