@@ -35,9 +35,11 @@ def make_inputs(B, H, T, D, with_state=True, logit_scale=3.0, seed=0):
     return {n: t.to(DEVICE) for n, t in inputs.items()}
 
 
-def run(op, inputs, dtype=torch.float32, use_output=True, use_final_state=True):
-    """Output, final state and the gradients of a random loss over o and/or the final state's sums."""
-    leaves = {n: t.detach().to(dtype).clone().requires_grad_(n != "max") for n, t in inputs.items()}
+def run(op, inputs, dtype=torch.float32, v_dtype=None, use_output=True, use_final_state=True):
+    """Output, final state and the gradients of a random loss over o and/or the final state's sums; v in
+    ``v_dtype`` if given (LEAP's logits stay float32 when its values are bf16)."""
+    leaves = {n: t.detach().to(v_dtype if n == "v" and v_dtype else dtype).clone().requires_grad_(n != "max")
+              for n, t in inputs.items()}
     state = CumulativeSoftmaxState(leaves["max"], leaves["sum"]) if "max" in leaves else None
     o, final = op(leaves["logits"], leaves["v"], initial_state=state, output_final_state=True)
     gen = torch.Generator().manual_seed(1)
@@ -101,7 +103,7 @@ def test_views_of_batch_time_head_memory_are_used_in_place():
 @pytest.mark.skipif(interpreting(), reason="bf16 is checked on the GPU (the interpreter's bf16 dots are wrong)")
 def test_bfloat16_values():
     inputs = make_inputs(1, 2, 200, 64)
-    got = run(cumulative_softmax, {**inputs, "v": inputs["v"].bfloat16()} | {"logits": inputs["logits"]})
+    got = run(cumulative_softmax, inputs, v_dtype=torch.bfloat16)
     assert got["o"].dtype == torch.bfloat16
     assert_all_close(got, reference(inputs), rtol=2e-2)
 
@@ -120,8 +122,9 @@ def windowed(window):
     return op
 
 
-def run_windowed(op, inputs, dtype=torch.float32):
-    leaves = {n: inputs[n].detach().to(dtype).clone().requires_grad_() for n in ("logits", "v")}
+def run_windowed(op, inputs, dtype=torch.float32, v_dtype=None):
+    leaves = {n: inputs[n].detach().to(v_dtype if n == "v" and v_dtype else dtype).clone().requires_grad_()
+              for n in ("logits", "v")}
     o, _ = op(leaves["logits"], leaves["v"])
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
     (o * do).sum().backward()
@@ -155,6 +158,15 @@ def test_windowed_large_logits_and_several_value_blocks(monkeypatch):
     inputs = make_inputs(1, 2, 130, 40, with_state=False, logit_scale=60.0)
     want = run_windowed(lambda logits, v: naive_cumulative_softmax(logits, v, window=30), inputs, torch.float64)
     assert_all_close(run_windowed(windowed(30), inputs), want, rtol=1e-4)
+
+
+@pytest.mark.skipif(interpreting(), reason="bf16 is checked on the GPU (the interpreter's bf16 dots are wrong)")
+def test_windowed_bfloat16_values():
+    inputs = make_inputs(1, 2, 200, 64, with_state=False)
+    want = run_windowed(lambda logits, v: naive_cumulative_softmax(logits, v, window=64), inputs, torch.float64)
+    got = run_windowed(windowed(64), inputs, v_dtype=torch.bfloat16)
+    assert got["o"].dtype == torch.bfloat16
+    assert_all_close(got, want, rtol=2e-2)
 
 
 @pytest.mark.parametrize("window", ["global", 8], ids=["global", "window8"])
