@@ -50,6 +50,7 @@ from lmscale import plots
 from lmscale.bench.kernels import (
     FULL,
     GATES,
+    OUT_OF_TIME,
     TOLERANCES,
     attention_counts,
     crossover_context,
@@ -69,12 +70,15 @@ COLUMNS = {"config.op": "op", "config.impl": "impl", "config.mode": "mode", "con
 
 
 def gpu_records(frame: pd.DataFrame) -> pd.DataFrame:
-    """Timed GPU measurements, the newest of each configuration (a rerun replaces an older run)."""
+    """Timed GPU measurements, the newest of each configuration (a rerun replaces an older run; one
+    skipped because its run's time ran out measured nothing, and replaces nothing)."""
     if frame.empty or "kind" not in frame:
         return pd.DataFrame(columns=[*COLUMNS.values(), "status", "hardware", "date"])
     frame = frame[(frame["kind"] == "kernel-bench") & frame["device"].astype(str).str.startswith("cuda")]
     config = [c for c in frame.columns if c.startswith("config.") and c != "config.seed"]
-    frame = frame.sort_values("date").drop_duplicates(subset=config, keep="last")
+    error = frame["error"] if "error" in frame else pd.Series("", index=frame.index)
+    frame = frame.assign(measured=~error.astype(str).str.startswith(OUT_OF_TIME)).sort_values(["measured", "date"])
+    frame = frame.drop_duplicates(subset=config, keep="last")
     frame = frame.rename(columns=COLUMNS).reindex(columns=[*COLUMNS.values(), *frame.columns.difference(COLUMNS)])
     for column in ("B", "T", "context", "n_layers"):  # counts, None where an op has none
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from lmscale.results import RecordError, load_curves, load_records, make_record, read_records, write_record
@@ -38,6 +39,16 @@ def test_write_then_load_round_trip(tmp_path):
     assert df.set_index("run_id").loc["a", "config.model.mixer"] == "gla"
     curves = load_curves("exp", "train", tmp_path)
     assert len(curves) == 4 and set(curves.columns) >= {"run_id", "step", "loss", "model.mixer"}
+
+
+def test_a_runs_extra_fields_become_columns(tmp_path):
+    """A failed run's error (``make_record``'s extra) reaches the tables that explain it."""
+    record = make_record("exp", kind="x", config={}, seed=0, metrics={}, run_id="a", status="skipped",
+                         extra={"error": "out of memory"})
+    write_record(record, tmp_path)
+    write_record(_record("b", 2.0), tmp_path)
+    df = load_records("exp", tmp_path).set_index("run_id")
+    assert df.loc["a", "error"] == "out of memory" and pd.isna(df.loc["b", "error"])
 
 
 def test_rewriting_a_run_replaces_its_record(tmp_path):

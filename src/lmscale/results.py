@@ -28,6 +28,7 @@ from lmscale.paths import repo_root, results_dir
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema", "experiment", "run_id", "kind", "config", "seed", "metrics", "provenance")
+RECORD_FIELDS = (*REQUIRED_FIELDS, "status", "curves")  # a run may add others (``make_record``'s extra)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -252,6 +253,7 @@ def load_records(experiment: str | None = None, root: Path | None = None):
             }
         )
         row["curves"] = record.get("curves", {})
+        row.update({k: v for k, v in record.items() if k not in RECORD_FIELDS})  # e.g. a failure's error
         rows.append(row)
     return pd.DataFrame(rows)
 
