@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -295,18 +296,24 @@ def _block(dim: int, cap: int | None = None) -> int:
     return min(cap or BLOCK, max(16, triton.next_power_of_2(dim)))
 
 
-def _sequential_blocks(x: Tensor, heads: int, K: int, V: int) -> tuple[int, int]:
-    """Tile widths for the passes that run along time, one program per head and [BK, BV] block of the
-    state: ``BLOCK``, halved (down to MIN_SEQUENTIAL_BLOCK) while that leaves fewer programs than
-    multiprocessors (long sequences in small batches). H100, GLA fwd+bwd, 32K tokens per batch: at
-    T = 32K (16 heads) 64 → 32 took 6.86 → 6.14 ms and 16 took 10.3; at T = 8K (64 heads, 256 programs)
-    halving to 32 cost 5.10 → 6.48, so the threshold is one program per multiprocessor, not two."""
-    BK, BV = _block(K), _block(V)
-    if x.is_cuda:
-        sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        while heads * triton.cdiv(K, BK) * triton.cdiv(V, BV) < sms and min(BK, BV) > MIN_SEQUENTIAL_BLOCK:
-            BK, BV = BK // 2, BV // 2
-    return BK, BV
+def _sequential_blocks(x: Tensor, heads: int, *dims: int, cap: int | None = None) -> tuple[int, ...]:
+    """Tile widths for the passes that run along time, one program per head and tile of ``dims``:
+    ``_block(dim, cap)``, all halved (down to MIN_SEQUENTIAL_BLOCK) while that leaves fewer programs than
+    multiprocessors (long sequences in small batches). H100, GLA fwd+bwd (tiles [BK, BV]), 32K tokens per
+    batch: at T = 32K (16 heads) 64 → 32 took 6.86 → 6.14 ms and 16 took 10.3; at T = 8K (64 heads, 256
+    programs) halving to 32 cost 5.10 → 6.48, so the threshold is one program per multiprocessor, not two."""
+    if not x.is_cuda:
+        return tuple(_block(d, cap) for d in dims)
+    sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _blocks_filling(sms, heads, dims, cap)
+
+
+def _blocks_filling(sms: int, heads: int, dims: tuple[int, ...], cap: int | None) -> tuple[int, ...]:
+    """``_sequential_blocks``' rule for a GPU of ``sms`` multiprocessors."""
+    blocks = [_block(d, cap) for d in dims]
+    while heads * math.prod(map(triton.cdiv, dims, blocks)) < sms and min(blocks) > MIN_SEQUENTIAL_BLOCK:
+        blocks = [b // 2 for b in blocks]
+    return tuple(blocks)
 
 
 @functools.cache

@@ -29,8 +29,8 @@ from lmscale.ops.cumulative_softmax.naive import CumulativeSoftmaxState, compute
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import (
     DTYPES,
-    _block,
     _on_device_of,
+    _sequential_blocks,
     _strides,
     _unit_last_stride,
     require_device,
@@ -38,7 +38,9 @@ from lmscale.ops.triton.chunk import (
 from lmscale.ops.triton.chunk_fwd import load_tile, store_tile
 
 CHUNK = 64
-BLOCK_D = 64  # value channels per program (a GPU tuning knob; tests lower it to reach several blocks)
+# value channels per program, halved when fewer programs than multiprocessors (``_sequential_blocks``);
+# a GPU tuning knob (tests lower it to reach several blocks)
+BLOCK_D = 64
 # 8 warps: an offline sm_90 compile (bf16, D = 64) puts both kernels at 255 registers on 4 warps, the
 # backward spilling, and neither spills on 8; not yet timed
 LAUNCH = {"num_warps": 8, "num_stages": 2}
@@ -245,7 +247,7 @@ class CumulativeSoftmax(torch.autograd.Function):
         has_init = init_max is not None
         if has_init:
             init_max, init_sum = init_max.float().contiguous(), init_sum.float().contiguous()
-        BD = _block(D, BLOCK_D)
+        (BD,) = _sequential_blocks(v, B * H, D, cap=BLOCK_D)
         cumulative_softmax_fwd_kernel[(B * H, triton.cdiv(D, BD))](
             logits, v, o, m_t, z_t, init_max if has_init else m_t, init_sum if has_init else m_t,
             final_max, final_sum, T, N, H, D, *_strides(logits), *_strides(v), *_strides(o),
@@ -266,7 +268,7 @@ class CumulativeSoftmax(torch.autograd.Function):
         has_final = d_final_sum is not None
         if has_final:
             d_final_sum = d_final_sum.float().contiguous()
-        BD = _block(D, BLOCK_D)
+        (BD,) = _sequential_blocks(v, B * H, D, cap=BLOCK_D)
         blocks = triton.cdiv(D, BD)
         dv = torch.empty_like(v)
         dl_part = v.new_empty(blocks, B * H, T, dtype=torch.float32)

@@ -30,6 +30,7 @@ from lmscale.ops.triton.chunk import (
     _block,
     _on_device_of,
     _or,
+    _sequential_blocks,
     _strides,
     _unit_last_stride,
     check_heads,
@@ -43,8 +44,9 @@ from lmscale.ops.triton.delta_rule_bwd import (
 from lmscale.ops.triton.delta_rule_fwd import delta_inverse_kernel, delta_states_kernel, delta_wu_kernel
 
 CHUNK = 64
-# V-block of the sequential passes, which hold a [D_k, BV] float32 state block in registers, and of the
-# gradient kernel's loop over value channels. A GPU tuning knob (tests lower it to reach several blocks).
+# V-block of the sequential passes, which hold a [D_k, BV] float32 state block in registers (halved when
+# fewer programs than multiprocessors: ``_sequential_blocks``), and of the gradient kernel's loop over
+# value channels. A GPU tuning knob (tests lower it to reach several blocks).
 SEQUENTIAL_BLOCK_V = 64
 # 2 warps: H100, gated fwd+bwd at T = 2K 4.97 → 4.72 ms (4 warps → 2; 8 took 5.59)
 INVERSE_LAUNCH = {"num_warps": 2, "num_stages": 2}
@@ -143,7 +145,7 @@ def _states(k, w, u, log_alpha, initial_state) -> tuple[Tensor, Tensor, Tensor]:
     pseudo = torch.empty_like(u)
     final_state = k.new_empty(B * H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    BV = _block(V, SEQUENTIAL_BLOCK_V)
+    (BV,) = _sequential_blocks(k, B * H, V, cap=SEQUENTIAL_BLOCK_V)
     delta_states_kernel[(B * H, triton.cdiv(V, BV))](
         k, w, u, _or(log_alpha, k), _or(h0, states), states, pseudo, final_state, T, N, H,
         *_strides(k), *_strides(w), *_strides(u), *_strides(log_alpha), *_strides(pseudo),
@@ -186,7 +188,7 @@ def _state_grads(q, k, w, do, log_alpha, d_final_state, scale) -> tuple[Tensor, 
             *_strides(q), *_strides(k), *_strides(do), *_strides(log_alpha), *_strides(d_pseudo),
             K=K, V=V, C=CHUNK, BK=_block(K, 256), BV=_block(V, 128), **LAUNCH,
         )
-    BV = _block(V, SEQUENTIAL_BLOCK_V)
+    (BV,) = _sequential_blocks(q, B * H, V, cap=SEQUENTIAL_BLOCK_V)
     delta_state_grads_kernel[(B * H, triton.cdiv(V, BV))](
         q, k, w, do, _or(log_alpha, q), _or(d_final_state, d_initial), d_states, d_pseudo, d_initial, scale,
         T, N, H, *_strides(q), *_strides(k), *_strides(w), *_strides(do), *_strides(log_alpha),
