@@ -11,7 +11,8 @@ A Based model mixes three kinds of layer, chosen by the layer's index:
   (parallel form: o_t = Σ_{s≤t} (1 + s_ts + s_ts²/2) v_s / Σ_{s≤t} (1 + s_ts + s_ts²/2)). The
   denominator is ≥ (t + 1)/2, so no ε is needed. The state is [H, 1 + F + F², d_head + 1] (z rides
   along as a column of ones appended to v), run by ``lmscale.ops.gated_recurrence`` without decay (on
-  CUDA its Triton kernel, option ``impl``; φ and the state in float32).
+  CUDA its Triton kernel, option ``impl``; φ and the state in float32, except that a bf16 model feeds
+  the kernel bf16 features so its products run on tensor cores).
 - ``"sliding"``, softmax attention over a small sliding window (``window``, paper: 64): the
   ``attention`` mixer with ``window`` set, so decoding keeps the last ``window`` keys and values.
 - ``"conv"``, BaseConv (Arora et al. 2023, Zoology), a gated short convolution:
@@ -48,7 +49,7 @@ from lmscale.ops.gated_recurrence import (
     gated_recurrence_flops,
     gated_recurrence_step,
 )
-from lmscale.ops.triton import IMPLS
+from lmscale.ops.triton import IMPLS, use_triton
 
 KINDS = ("conv", "linear", "sliding")
 PAPER_PATTERN = ("conv", "linear", "sliding", "conv", "conv")
@@ -127,13 +128,19 @@ class TaylorLinearAttention(Mixer):
     def _readout(self, o: Tensor, dtype: torch.dtype) -> Tensor:
         """o [B, H, T, Dh + 1] (numerator | denominator) -> y [B, T, D]."""
         B, _, T, _ = o.shape
+        o = o.to(compute_dtype(dtype))
         o = o[..., :-1] / o[..., -1:]  # (B, H, T, Dh); the denominator is ≥ 1/2
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.d_model).to(dtype))
 
     def _run(self, x: Tensor, initial_state: Tensor | None, return_state: bool) -> tuple[Tensor, Tensor | None]:
         """The causal recurrence over x [B, T, D] from ``initial_state`` [B, H, K, Dh + 1] (None: zeros)."""
-        phi_k, v1 = self._features(x, self.k_proj, self.v_proj)
-        o, final_state = gated_recurrence(self._queries(x), phi_k, v1, None, form=self.form, scale=1.0,
+        phi_q, (phi_k, v1) = self._queries(x), self._features(x, self.k_proj, self.v_proj)
+        if x.dtype == torch.bfloat16 and use_triton(self.impl, phi_q, (phi_q.shape[-1], v1.shape[-1])):
+            # the kernel's products on tensor cores: float32 operands would take IEEE float32 dots (H100,
+            # JRT's layer: 26.2 ms on the kernel, 27.0 on PyTorch); it still sums and carries its state
+            # in float32
+            phi_q, phi_k, v1 = phi_q.to(x.dtype), phi_k.to(x.dtype), v1.to(x.dtype)
+        o, final_state = gated_recurrence(phi_q, phi_k, v1, None, form=self.form, scale=1.0,
                                           initial_state=initial_state, output_final_state=return_state,
                                           chunk_size=self.chunk_size, impl=self.impl)
         return self._readout(o, x.dtype), final_state
