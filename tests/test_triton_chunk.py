@@ -201,8 +201,8 @@ def test_bad_inputs_are_refused_with_the_fix():
     pytest.param(256, (128, 128), None, (64, 64), id="enough-programs"),
     pytest.param(16, (128, 128), None, (32, 32), id="GLA-32K-halved-to-the-floor"),
     pytest.param(16, (128,), 64, (32,), id="one-dim"),
-    pytest.param(40, (128,), 64, (32,), id="80-programs-halved-once"),
-    pytest.param(70, (128,), 64, (64,), id="140-programs-kept"),
+    pytest.param(32, (128,), 64, (32,), id="64-programs-halved-once"),
+    pytest.param(64, (128,), 64, (64,), id="128-programs-kept"),
 ])
-def test_passes_along_time_halve_their_tiles_below_one_program_per_multiprocessor(heads, dims, cap, want):
+def test_passes_along_time_halve_their_tiles_below_one_program_per_two_multiprocessors(heads, dims, cap, want):
     assert triton_chunk_module._blocks_filling(132, heads, dims, cap) == want

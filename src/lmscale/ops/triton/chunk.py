@@ -298,10 +298,12 @@ def _block(dim: int, cap: int | None = None) -> int:
 
 def _sequential_blocks(x: Tensor, heads: int, *dims: int, cap: int | None = None) -> tuple[int, ...]:
     """Tile widths for the passes that run along time, one program per head and tile of ``dims``:
-    ``_block(dim, cap)``, all halved (down to MIN_SEQUENTIAL_BLOCK) while that leaves fewer programs than
-    multiprocessors (long sequences in small batches). H100, GLA fwd+bwd (tiles [BK, BV]), 32K tokens per
-    batch: at T = 32K (16 heads) 64 → 32 took 6.86 → 6.14 ms and 16 took 10.3; at T = 8K (64 heads, 256
-    programs) halving to 32 cost 5.10 → 6.48, so the threshold is one program per multiprocessor, not two."""
+    ``_block(dim, cap)``, all halved (down to MIN_SEQUENTIAL_BLOCK) while that leaves fewer than one
+    program per two multiprocessors (long sequences in small batches). H100, fwd+bwd, 32K tokens per batch:
+    GLA (tiles [BK, BV]) at T = 32K (16 heads, 64 programs) 64 → 32 took 6.86 → 6.14 ms and 16 took 10.3;
+    at T = 8K (256 programs) 32 cost 5.10 → 6.48. The delta rule (tiles [D_k, BV]) at T = 32K (32
+    programs) BV 64 → 32 took 4.71 → 4.44 ms (gated 6.72 → 6.10); at T = 8K (128 programs) 3.0 → 3.3
+    (gated 4.0 → 4.7)."""
     if not x.is_cuda:
         return tuple(_block(d, cap) for d in dims)
     sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
@@ -311,7 +313,7 @@ def _sequential_blocks(x: Tensor, heads: int, *dims: int, cap: int | None = None
 def _blocks_filling(sms: int, heads: int, dims: tuple[int, ...], cap: int | None) -> tuple[int, ...]:
     """``_sequential_blocks``' rule for a GPU of ``sms`` multiprocessors."""
     blocks = [_block(d, cap) for d in dims]
-    while heads * math.prod(map(triton.cdiv, dims, blocks)) < sms and min(blocks) > MIN_SEQUENTIAL_BLOCK:
+    while 2 * heads * math.prod(map(triton.cdiv, dims, blocks)) < sms and min(blocks) > MIN_SEQUENTIAL_BLOCK:
         blocks = [b // 2 for b in blocks]
     return tuple(blocks)
 

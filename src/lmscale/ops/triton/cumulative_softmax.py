@@ -38,7 +38,7 @@ from lmscale.ops.triton.chunk import (
 from lmscale.ops.triton.chunk_fwd import load_tile, store_tile
 
 CHUNK = 64
-# value channels per program, halved when fewer programs than multiprocessors (``_sequential_blocks``);
+# value channels per program, halved when few programs for the multiprocessors (``_sequential_blocks``);
 # a GPU tuning knob (tests lower it to reach several blocks)
 BLOCK_D = 64
 # 8 warps: an offline sm_90 compile (bf16, D = 64) puts both kernels at 255 registers on 4 warps, the

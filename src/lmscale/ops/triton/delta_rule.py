@@ -45,7 +45,7 @@ from lmscale.ops.triton.delta_rule_fwd import delta_inverse_kernel, delta_states
 
 CHUNK = 64
 # V-block of the sequential passes, which hold a [D_k, BV] float32 state block in registers (halved when
-# fewer programs than multiprocessors: ``_sequential_blocks``), and of the gradient kernel's loop over
+# few programs for the multiprocessors: ``_sequential_blocks``), and of the gradient kernel's loop over
 # value channels. A GPU tuning knob (tests lower it to reach several blocks).
 SEQUENTIAL_BLOCK_V = 64
 # 2 warps: H100, gated fwd+bwd at T = 2K 4.97 → 4.72 ms (4 warps → 2; 8 took 5.59)
