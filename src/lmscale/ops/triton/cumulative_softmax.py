@@ -155,6 +155,27 @@ def _bwd_chunk(logits, v, do, m_in, z_in, g_in, dv, dl_part, stride_l_t, stride_
 
 
 @triton.jit
+def row_dot_kernel(o, do, g, T, H,
+                   stride_o_b, stride_o_h, stride_o_t,
+                   stride_do_b, stride_do_h, stride_do_t,
+                   D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+    """g[bh, t] = o_t · dO_t in float32 for C rows: the backward's h_t needs it over all value channels
+    before its reverse pass, and forming it here reads o and dO once in their own dtype (PyTorch's
+    float32 product would write and reread three float32 copies)."""
+    i_bh, i_n = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o += i_b * stride_o_b + i_h * stride_o_h
+    do += i_b * stride_do_b + i_h * stride_do_h
+    t0 = i_n * C
+    acc = tl.zeros([C], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        acc += tl.sum(load_tile(o, stride_o_t, t0, T, d0, D, C, BD).to(tl.float32)
+                      * load_tile(do, stride_do_t, t0, T, d0, D, C, BD).to(tl.float32), 1)
+    rows = t0 + tl.arange(0, C)
+    tl.store(g + i_bh.to(tl.int64) * T + rows, acc, mask=rows < T)
+
+
+@triton.jit
 def cumulative_softmax_bwd_kernel(
     logits, v, do, m_in, z_in, g_in, init_max, d_final_sum, dv, dl_part, d_init_sum, T, N, H, D,
     stride_l_b, stride_l_h, stride_l_t,
@@ -264,7 +285,6 @@ class CumulativeSoftmax(torch.autograd.Function):
         logits, v, o, m_t, z_t, init_max = ctx.saved_tensors
         B, H, T, D = v.shape
         do = torch.zeros_like(v) if do is None else _unit_last_stride(do.to(v.dtype))
-        g = (o.float() * do.float()).sum(-1).reshape(B * H, T)  # o_t · dO_t
         has_final = d_final_sum is not None
         if has_final:
             d_final_sum = d_final_sum.float().contiguous()
@@ -273,7 +293,10 @@ class CumulativeSoftmax(torch.autograd.Function):
         dv = torch.empty_like(v)
         dl_part = v.new_empty(blocks, B * H, T, dtype=torch.float32)
         d_init_sum = v.new_empty(B, H, D + 1, dtype=torch.float32)
+        g = v.new_empty(B * H, T, dtype=torch.float32)  # o_t · dO_t
         with _on_device_of(v):
+            row_dot_kernel[(B * H, triton.cdiv(T, CHUNK))](o, do, g, T, H, *_strides(o), *_strides(do),
+                                                          D=D, C=CHUNK, BD=BD)
             cumulative_softmax_bwd_kernel[(B * H, blocks)](
                 logits, v, do, m_t, z_t, g, init_max if init_max is not None else m_t,
                 d_final_sum if has_final else m_t, dv, dl_part, d_init_sum, T, triton.cdiv(T, CHUNK), H, D,

@@ -40,6 +40,7 @@ from lmscale.ops.triton import interpreting
 BLOCK_D = 32
 CHECKPOINT_EVERY = 64
 STAGES = 4  # time steps of the inputs prefetched ahead of the recurrence that waits on them
+LAUNCH = {"num_warps": 4}  # Triton's default; a GPU tuning knob like BLOCK_D
 
 
 @triton.jit
@@ -154,7 +155,7 @@ def _forward(u, dt, A, B, C, h0, chunk, save_checkpoints):
     _selective_fwd_kernel[(Bsz, triton.cdiv(D, BLOCK_D))](
         u, dt, A, B, C, h0, y, hT, ckpt, T, D, N, T if interpreting() else None,
         HAS_H0=h0 is not None, SAVE_CKPT=save_checkpoints, CHUNK=chunk,
-        BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N), STAGES=STAGES,
+        BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N), STAGES=STAGES, **LAUNCH,
     )
     return y, hT, ckpt
 
@@ -185,7 +186,7 @@ class _SelectiveScan(torch.autograd.Function):
             u, dt, A, B, C, ckpt, dy, None if dhT is None else dhT.contiguous(), scratch,
             du, ddt, dA, dB, dC, dh0, T, D, N, T if interpreting() else None,
             HAS_H0=ctx.has_h0, HAS_DHT=dhT is not None, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
-            STAGES=STAGES,
+            STAGES=STAGES, **LAUNCH,
         )
         return du, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dh0, None
 
