@@ -9,7 +9,7 @@ weight W_tj = e^{l_j − m_t} ≤ 1 and z_t ≥ 1: one [C, C] × [C, BD] product
 The products take their operands in v's dtype (bf16: tensor cores; W's rounding is then that of the
 bf16 output), the sums z and the carried aggregate are float32.
 
-Backward, with G_t = dO_t / z_t and h_t = (o_t · dO_t) / z_t (the stored m_t, z_t):
+Backward, with G_t = dO_t / z_t and h_t = (o_t · dO_t) / z_t (the stored m_t, z_t; o · dO from ``row_dot_kernel``):
     dv_j = Σ_{t≥j} e^{l_j − m_t} G_t,   dl_j = v_j · dv_j − Σ_{t≥j} e^{l_j − m_t} h_t
 a reverse pass over chunks carrying R = Σ e^{μ − m_t} G_t and r = Σ e^{μ − m_t} h_t over the rows after
 the chunk, referred to μ = m at the chunk's last row (m never decreases, so every exponent is ≤ 0). The
@@ -42,7 +42,9 @@ CHUNK = 64
 # a GPU tuning knob (tests lower it to reach several blocks)
 BLOCK_D = 64
 # 8 warps: an offline sm_90 compile (bf16, D = 64) puts both kernels at 255 registers on 4 warps, the
-# backward spilling, and neither spills on 8; not yet timed
+# backward spilling, and neither spills on 8. H100 (do_bench, session 4), fwd+bwd: 4 warps 1.04 ms
+# against 8 warps' 1.32 at B = 16, T = 2K (512 programs), 4.67 against 4.11 at B = 1, T = 32K (64
+# programs); 4 warps has not run the GPU tests, so it is not used yet
 LAUNCH = {"num_warps": 8, "num_stages": 2}
 EMPTY = tl.constexpr(empty_max(torch.float32))  # an empty aggregate's maximum: exp(EMPTY − m) = 0
 
