@@ -29,6 +29,7 @@ from lmscale.ops.cumulative_softmax.naive import CumulativeSoftmaxState, compute
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import (
     DTYPES,
+    _block,
     _on_device_of,
     _sequential_blocks,
     _strides,
@@ -255,6 +256,15 @@ def check_inputs(logits: Tensor, v: Tensor) -> None:
     require_device(v)
 
 
+def row_dots(o: Tensor, do: Tensor) -> Tensor:
+    """o_t · dO_t for o, dO [B, H, T, D] (unit last stride), float32 [B·H, T]: both backwards' h_t."""
+    B, H, T, D = o.shape
+    g = o.new_empty(B * H, T, dtype=torch.float32)
+    row_dot_kernel[(B * H, triton.cdiv(T, CHUNK))](o, do, g, T, H, *_strides(o), *_strides(do),
+                                                  D=D, C=CHUNK, BD=_block(D, BLOCK_D))
+    return g
+
+
 class CumulativeSoftmax(torch.autograd.Function):
     """Gradients for the logits, v and the initial aggregate's sums (its maximum is a constant)."""
 
@@ -295,10 +305,8 @@ class CumulativeSoftmax(torch.autograd.Function):
         dv = torch.empty_like(v)
         dl_part = v.new_empty(blocks, B * H, T, dtype=torch.float32)
         d_init_sum = v.new_empty(B, H, D + 1, dtype=torch.float32)
-        g = v.new_empty(B * H, T, dtype=torch.float32)  # o_t · dO_t
         with _on_device_of(v):
-            row_dot_kernel[(B * H, triton.cdiv(T, CHUNK))](o, do, g, T, H, *_strides(o), *_strides(do),
-                                                          D=D, C=CHUNK, BD=BD)
+            g = row_dots(o, do)
             cumulative_softmax_bwd_kernel[(B * H, blocks)](
                 logits, v, do, m_t, z_t, g, init_max if init_max is not None else m_t,
                 d_final_sum if has_final else m_t, dv, dl_part, d_init_sum, T, triton.cdiv(T, CHUNK), H, D,

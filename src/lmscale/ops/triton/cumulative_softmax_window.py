@@ -24,7 +24,7 @@ from torch import Tensor
 from lmscale.ops.triton import interpreting
 from lmscale.ops.triton.chunk import _block, _on_device_of, _strides, _unit_last_stride
 from lmscale.ops.triton.chunk_fwd import load_tile, store_tile
-from lmscale.ops.triton.cumulative_softmax import BLOCK_D, CHUNK, EMPTY, LAUNCH, check_inputs
+from lmscale.ops.triton.cumulative_softmax import BLOCK_D, CHUNK, EMPTY, LAUNCH, check_inputs, row_dots
 
 
 @triton.jit
@@ -176,12 +176,12 @@ class WindowedSoftmax(torch.autograd.Function):
         logits, v, o, m_t, z_t = ctx.saved_tensors
         B, H, T, D = v.shape
         do = _unit_last_stride(do.to(v.dtype))
-        g = (o.float() * do.float()).sum(-1).reshape(B * H, T)  # o_t · dO_t
         BD = _block(D, BLOCK_D)
         blocks = triton.cdiv(D, BD)
         dv = torch.empty_like(v)
         dl_part = v.new_empty(blocks, B * H, T, dtype=torch.float32)
         with _on_device_of(v):
+            g = row_dots(o, do)
             windowed_softmax_bwd_kernel[(triton.cdiv(T, CHUNK), B * H, blocks)](
                 logits, v, do, m_t, z_t, g, dv, dl_part, ctx.window, T, H, D,
                 *_strides(logits), *_strides(v), *_strides(do), *_strides(dv), C=CHUNK, BD=BD,
