@@ -360,3 +360,85 @@ def test_cli_switches_take_true_or_false_and_peak_flops_a_number(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_infinite_gradient_under_a_finite_loss_is_neither_applied_nor_saved(tmp_path, monkeypatch, grad_clip):
+    data = _data()
+    model_cfg, train_cfg = _cfgs(steps=20, checkpoint_interval=5, grad_clip=grad_clip)
+    real_build = train_mod.build_training
+    backwards = {"n": 0}
+
+    def poisoned_build(*args, **kwargs):
+        raw, model, optimizer = real_build(*args, **kwargs)
+
+        def hook(grad):  # one backward per step: from step 7 on, one weight's gradient is infinite
+            backwards["n"] += 1
+            return grad + math.inf if backwards["n"] > 7 else grad
+
+        raw.blocks[0].mlp.down_proj.weight.register_hook(hook)
+        return raw, model, optimizer
+
+    monkeypatch.setattr(train_mod, "build_training", poisoned_build)
+    with pytest.raises(TrainingDivergedError,
+                       match=r"gradient norm is inf while the loss \([0-9.]+\) is finite at step 7 .*not applied "
+                             r"and the last good checkpoint .* is kept"):
+        train(model_cfg, train_cfg, data, out_dir=tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 5
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_not_written(tmp_path):
+    data = _data()
+    model_cfg, train_cfg = _cfgs(steps=6)
+    result = train(model_cfg, train_cfg, data, out_dir=tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    state = {k: v.clone() for k, v in result.model.state_dict().items()}
+    state["norm.weight"][3] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not written, because 1 tensor\(s\) hold NaN or inf "
+                                              r"\(first: model.norm.weight\); the checkpoint already on disk"):
+        train_mod.save_checkpoint(tmp_path / "checkpoint.pt", state, {}, 6, model_cfg, train_cfg, {}, {})
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_trajectory_and_records_allowed_changes(tmp_path):
+    data = _data()
+    model_cfg, train_cfg = _cfgs(steps=10)
+    train(model_cfg, train_cfg, data, out_dir=tmp_path)
+    for change, named in (({"seed": 2}, "seed 1 -> 2"), ({"lr": 5e-3}, "lr 0.01 -> 0.005"),
+                          ({"batch_size": 4, "warmup_steps": 3}, "batch_size 8 -> 4, warmup_steps 5 -> 3"),
+                          ({"schedule": "wsd"}, "schedule 'cosine' -> 'wsd'")):
+        _, other = _cfgs(steps=10, **change)
+        with pytest.raises(CheckpointError, match=rf"resuming would change the training trajectory \({named}\)"):
+            train(model_cfg, other, data, out_dir=tmp_path, resume=True)
+    _, shorter = _cfgs(steps=8)
+    with pytest.raises(CheckpointError, match="holds step 10, beyond steps=8; steps may only grow"):
+        train(model_cfg, shorter, data, out_dir=tmp_path, resume=True)
+    _, longer = _cfgs(steps=20, eval_interval=5)
+    resumed = train(model_cfg, longer, data, out_dir=tmp_path, resume=True)
+    assert resumed.metrics["steps"] == 20
+    assert resumed.metrics["resumes"] == [{"step": 10, "changed": {"steps": {"from": 10, "to": 20},
+                                                                   "eval_interval": {"from": 10, "to": 5}}}]
+    again = train(model_cfg, longer, data, out_dir=tmp_path, resume=True)  # every resume is kept, in order
+    assert [r["step"] for r in again.metrics["resumes"]] == [10, 20] and again.metrics["resumes"][1]["changed"] == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_clear_line(capsys):
+    from lmscale.cli import main
+
+    model_cfg, train_cfg = _cfgs(device="cuda")
+    with pytest.raises(ConfigError, match=r"'device'='cuda': this torch .*; use --device cpu"):
+        train(model_cfg, train_cfg, _data())
+    assert main(["train", "--device", "cuda", "--steps", "2", "--warmup-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmscale: error: config field 'device'='cuda'") and "\n" not in err
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", math.inf), ("lr", math.nan), ("grad_clip", math.inf),
+                                              ("weight_decay", math.nan), ("beta2", math.nan),
+                                              ("early_stopping_min_delta", math.inf), ("peak_flops", math.inf)])
+def test_non_finite_float_fields_are_refused(field, value):
+    with pytest.raises(ConfigError, match=rf"'{field}'=.*: must be a finite number"):
+        TrainConfig(**{field: value})

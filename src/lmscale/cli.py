@@ -95,7 +95,7 @@ def _print_manifest(manifest: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lmscale.train import TokenData, train_and_record
+    from lmscale.train import TokenData, check_device, train_and_record
 
     model_fields = _picked(args, ModelConfig, {"mixer_options"})
     options = _parse_options(args.mixer_option)
@@ -107,6 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         model_cfg = ModelConfig(**model_fields, mixer_options=options)
     train_cfg = TrainConfig(**_picked(args, TrainConfig, set()))
+    check_device(train_cfg.device)  # before the corpus is read: a missing GPU is the first thing to say
     data = TokenData.from_corpus(args.corpus)
     path, result = train_and_record(
         args.experiment, model_cfg, train_cfg, data, data_name="corpus",
@@ -219,6 +220,41 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start no measurement after this long; the rest are recorded as skipped")
     kernels.set_defaults(func=_cmd_bench_kernels)
 
+    bench_train = bench.add_parser("train", help="tokens/s, MFU, peak memory and top kernels of the trainer's step "
+                                                 "for every mixer at the 125M and 350M presets "
+                                                 "(see lmscale.bench.training)")
+    bench_train.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench_train.add_argument("--mixers", type=_name_list, default=None, help="default: every registered mixer")
+    bench_train.add_argument("--presets", type=_name_list, default=None, help="default: 125M,350M (tiny with --quick)")
+    bench_train.add_argument("--seq-len", type=int, default=None, help="default 2048 (64 with --quick)")
+    bench_train.add_argument("--tokens-per-step", type=int, default=None,
+                             help="tokens per optimiser step, whole sequences (default 32768; 256 with --quick)")
+    bench_train.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 5)")
+    bench_train.add_argument("--timed-steps", type=int, default=None, help="steps timed (default 10)")
+    bench_train.add_argument("--compile", type=_switch, default=None, metavar="true|false",
+                             help="compile the blocks (default: true on CUDA, false on the CPU)")
+    bench_train.add_argument("--loss-impl", default="auto", help="auto|chunked|liger|full (lmscale.loss)")
+    bench_train.add_argument("--profile", type=_switch, default=True, metavar="true|false",
+                             help="profile one step for the top kernels (default true)")
+    bench_train.add_argument("--count-flops", type=_switch, default=True, metavar="true|false",
+                             help="count one eager step with torch.utils.flop_counter (default true)")
+    bench_train.add_argument("--quick", action="store_true", help="tiny preset, short sequences: the CPU test size")
+    bench_train.add_argument("--out", type=Path, default=None, help="record folder (default data/results/throughput)")
+    bench_train.add_argument("--force", action="store_true", help="measure points that have an ok record already")
+    bench_train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                             help="start no point after this long; the rest are left for the next run")
+    bench_train.add_argument("--in-process", action="store_true",
+                             help="measure in this process instead of one process per point")
+    bench_train.set_defaults(func=_cmd_bench_train)
+
+    bench_loss = bench.add_parser("loss", help="the head's loss without logits: each implementation's time, "
+                                               "memory and error at the presets' widths")
+    bench_loss.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench_loss.add_argument("--presets", type=_name_list, default=["125M", "350M"])
+    bench_loss.add_argument("--tokens", type=int, default=32768)
+    bench_loss.add_argument("--out", type=Path, default=None, help="record folder (default data/results/throughput)")
+    bench_loss.set_defaults(func=_cmd_bench_loss)
+
     budget = sub.add_parser("budget", help="training tokens for a model size by each published rule "
                                            "(Chinchilla 20×, its fit, Epoch's refit, data-constrained)")
     budget.add_argument("--params", required=True, help="parameters N, e.g. 125M, 1.3B or 6.5e6")
@@ -241,6 +277,56 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     print(format_table(records))
     print(f"written: {path}")
     return 1 if any(r["status"] == "wrong" for r in records) else 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    """Exit status 1 when a point failed (its record says why), so scripts notice."""
+    import torch
+
+    from lmscale.bench.training import EXPERIMENT, SIZES, Point, format_table, run_points
+    from lmscale.mixers import available
+    from lmscale.paths import results_dir
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quick = {"presets": ["tiny"], "seq_len": 64, "tokens_per_step": 256, "warmup_steps": 1, "timed_steps": 2}
+
+    def pick(name: str, default: Any) -> Any:
+        """The flag if given, else the quick size under --quick, else the full size."""
+        value = getattr(args, name)
+        return value if value is not None else quick[name] if args.quick else default
+
+    points = [Point(mixer=m, preset=p, seq_len=pick("seq_len", 2048), tokens_per_step=pick("tokens_per_step", 32768),
+                    compile=args.compile if args.compile is not None else device.startswith("cuda"),
+                    loss_impl=args.loss_impl, warmup_steps=pick("warmup_steps", 5), timed_steps=pick("timed_steps", 10),
+                    profile=args.profile, count_flops=args.count_flops)
+              for p in pick("presets", list(SIZES)) for m in (args.mixers or available())]
+    records, path = run_points(points, device, args.out or results_dir() / EXPERIMENT, force=args.force,
+                               time_limit_s=None if args.time_limit is None else 60 * args.time_limit,
+                               in_process=args.in_process)
+    print(format_table(records))
+    print(f"written: {path}" if records else "no record written")
+    return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _cmd_bench_loss(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from lmscale.bench.training import EXPERIMENT, loss_records
+    from lmscale.paths import results_dir
+    from lmscale.results import write_records
+
+    records = loss_records(args.presets, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.tokens)
+    path = write_records(records, (args.out or results_dir() / EXPERIMENT) / f"loss-bench-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
+    for r in records:
+        m = r["metrics"]
+        timing = f"{m['ms_median']:8.2f} ms  +{m.get('extra_memory_bytes', 0) / 2**30:5.2f} GiB  " \
+                 f"grad err {m['grad_hidden_rel_error']:.1e} / {m['grad_weight_rel_error']:.1e}" \
+            if r["status"] == "ok" else r["error"]
+        print(f"{r['config']['preset']:>6} {r['config']['impl']:>8}  {timing}")
+    print(f"written: {path}")
+    return 0
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

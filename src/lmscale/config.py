@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +156,7 @@ class ModelConfig:
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")  # auto: ddp under torchrun (WORLD_SIZE > 1), else none
 AUTOCAST_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, off elsewhere
 SCHEDULES = ("cosine", "wsd")
+LOSS_IMPLS = ("auto", "chunked", "liger", "full")  # lmscale.loss.LOSS_IMPLS, kept here so config imports no torch
 
 
 @dataclass
@@ -193,6 +196,7 @@ class TrainConfig:
     parallel: str = "auto"
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: the GPU table (none on CPU)
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tensorboard (if installed)
+    loss_impl: str = "auto"  # the head's loss without full logits: auto | chunked | liger | full (lmscale.loss)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -207,6 +211,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(name, value, "must be a non-negative integer")
+        for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
+                     "early_stopping_min_delta", "peak_flops"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(name, value, "must be a finite number")
         if self.warmup_steps >= self.steps:
             raise ConfigError("warmup_steps", self.warmup_steps, f"must be smaller than steps={self.steps}")
         if not self.lr > 0:
@@ -223,9 +232,9 @@ class TrainConfig:
             raise ConfigError("grad_clip", self.grad_clip, "must be non-negative (0 disables clipping)")
         if not self.early_stopping_min_delta >= 0:
             raise ConfigError("early_stopping_min_delta", self.early_stopping_min_delta, "must be non-negative")
-        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+        if not (self.device in ("cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError("device", self.device, "must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        for name, choices in (("autocast", AUTOCAST_MODES), ("parallel", PARALLEL_MODES)):
+        for name, choices in (("autocast", AUTOCAST_MODES), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
         for name in ("compile", "tensorboard"):

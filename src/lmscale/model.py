@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
+from lmscale.loss import linear_cross_entropy
 from lmscale.mixers import build_mixer
 
 # projections that write into the residual stream; their init is scaled by 1/√(2·n_layers) (GPT-2)
@@ -90,17 +91,26 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(
-        self, idx: Tensor, state: list[Any] | None = None, return_state: bool = False
+        self, idx: Tensor, state: list[Any] | None = None, return_state: bool = False,
+        targets: Tensor | None = None, loss_impl: str = "auto", loss_reduction: str = "mean",
     ) -> Tensor | tuple[Tensor, list[Any]]:
-        """idx [B, T] -> logits [B, T, V], continuing from per-layer ``state`` (None: empty)."""
+        """idx [B, T] -> logits [B, T, V], continuing from per-layer ``state`` (None: empty).
+
+        With ``targets`` [B, T] it returns the next-token loss instead of the logits, computed with the
+        head chunk by chunk (``lmscale.loss``): the [B·T, V] logits are never materialised.
+        """
         states = [None] * len(self.blocks) if state is None else state
         x = self.embed(idx)  # (B, T, D)
         new_states = []
         for block, layer_state in zip(self.blocks, states, strict=True):
             x, layer_state = block(x, layer_state, return_state)
             new_states.append(layer_state)
-        logits = self.head(self.norm(x))  # (B, T, V)
-        return (logits, new_states) if return_state else logits
+        if targets is not None:
+            out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,
+                                       impl=loss_impl)
+        else:
+            out = self.head(self.norm(x))  # (B, T, V)
+        return (out, new_states) if return_state else out
 
     def step(self, idx_t: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
         """Decode one token per sequence: idx_t [B] -> (logits [B, V], new per-layer states)."""

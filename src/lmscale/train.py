@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
 from lmscale.distributed import (
@@ -42,6 +41,7 @@ from lmscale.distributed import (
     process_device,
     world_from_env,
 )
+from lmscale.loss import resolve_impl as resolve_loss_impl
 from lmscale.model import LanguageModel
 
 logger = logging.getLogger(__name__)
@@ -134,15 +134,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms' gains and biases are not decayed."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms' gains and biases are not decayed.
+
+    On CUDA the fused AdamW kernel updates every parameter in a few launches (the same arithmetic as the
+    default multi-tensor form); elsewhere PyTorch's default implementation runs.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -269,9 +274,8 @@ def evaluate(
     for x, y in batches:
         share = len(x) // world.size
         rows = slice(world.rank * share, (world.rank + 1) * share)
-        with _autocast(device, dtype):
-            logits = model(x[rows].to(device))
-        sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y[rows].to(device).flatten(), reduction="sum")
+        with _autocast(device, dtype):  # the head and loss chunk by chunk: no [tokens, vocab] logits
+            sums[0] += model(x[rows].to(device), targets=y[rows].to(device), loss_reduction="sum")
         sums[1] += y[rows].numel()
     model.train(was_training)
     total, count = all_reduce(sums, world).tolist()
@@ -283,11 +287,17 @@ def evaluate(
 
 
 def save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, step: int, model_cfg: ModelConfig,
-                    train_cfg: TrainConfig, curves: dict[str, list[dict[str, Any]]], rng: dict[str, torch.Tensor]) -> None:
+                    train_cfg: TrainConfig, curves: dict[str, list[dict[str, Any]]], rng: dict[str, torch.Tensor],
+                    resumes: list[dict[str, Any]] | None = None) -> None:
     """Atomic write: a crash mid-save leaves the previous checkpoint intact.
 
     The states are full (gathered) and keyed by parameter name: ``distributed.full_state_dicts``.
     """
+    bad = [name for name, t in (*_named_tensors("model", model_state), *_named_tensors("optimizer", optimizer_state))
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path}: not written, because {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
+                              "the checkpoint already on disk, if any, is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model_state,
@@ -297,10 +307,49 @@ def save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, step: 
         "model_config": json.dumps(model_cfg.to_dict()),
         "train_config": json.dumps(train_cfg.to_dict()),
         "curves": json.dumps(curves),
+        "resumes": json.dumps(resumes or []),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _named_tensors(prefix: str, tree: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested state dict, with a dotted name for messages."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _named_tensors(f"{prefix}.{key}", value)
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _named_tensors(f"{prefix}.{i}", value)
+
+
+# Training fields that decide which batches are drawn and which update each step applies: a resume that
+# changes one would continue another run. The others (steps, evaluation, logging, checkpointing, device,
+# compile, processes, the loss implementation) may change between the parts of a run; the record lists it.
+TRAJECTORY_FIELDS = ("seed", "batch_size", "seq_len", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
+                     "schedule", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip", "autocast")
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig, checkpoint: Path, step: int) -> dict[str, dict[str, Any]]:
+    """The training fields a resume changes, as {field: {"from": saved, "to": now}}.
+
+    Raises CheckpointError naming every trajectory field that differs, or a step count below the
+    checkpoint's; the allowed changes are returned so the run can record them.
+    """
+    defaults, now = TrainConfig().to_dict(), cfg.to_dict()
+    changed = {name: {"from": saved.get(name, defaults[name]), "to": value} for name, value in now.items()
+               if saved.get(name, defaults[name]) != value}
+    refused = [name for name in TRAJECTORY_FIELDS if name in changed]
+    if refused:
+        detail = ", ".join(f"{n} {changed[n]['from']!r} -> {changed[n]['to']!r}" for n in refused)
+        raise CheckpointError(f"{checkpoint}: resuming would change the training trajectory ({detail}); "
+                              "resume with the saved values, or start a new run in another out_dir")
+    if cfg.steps < step:
+        raise CheckpointError(f"{checkpoint}: holds step {step}, beyond steps={cfg.steps}; steps may only grow on resume")
+    return changed
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -313,6 +362,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state["model_config"] = ModelConfig.from_dict(json.loads(state["model_config"]))
         state["train_config"] = json.loads(state["train_config"])
         state["curves"] = json.loads(state["curves"])
+        state["resumes"] = json.loads(state.get("resumes", "[]"))
         int(state["step"])
         state["rng"]["torch"]
     except Exception as e:
@@ -328,17 +378,23 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_cfg: ModelConfig,
-             world: World, device: torch.device) -> tuple[int, dict[str, list[dict[str, Any]]]]:
-    """Load model, optimiser and RNG from rank 0's checkpoint on every rank; returns (step, curves)."""
+             cfg: TrainConfig, world: World, device: torch.device) -> tuple[int, dict[str, list[dict[str, Any]]]]:
+    """Load model, optimiser and RNG from rank 0's checkpoint on every rank; returns (step, curves, resumes).
+
+    ``resumes`` lists every resume of the run so far, this one last: the step and the training fields
+    that changed (see ``resume_changes``).
+    """
     state, error = None, None
     if world.is_main:
         try:
             state = load_checkpoint(checkpoint)
             if state["model_config"] != model_cfg:
                 raise CheckpointError(f"{checkpoint}: saved for model {state['model_config']}, asked to resume {model_cfg}")
+            changed = resume_changes(state["train_config"], cfg, checkpoint, int(state["step"]))
+            state["resumes"].append({"step": int(state["step"]), "changed": changed})
         except CheckpointError as e:
             error = str(e)
-    meta = broadcast((error, None if state is None else {k: state[k] for k in ("step", "curves", "rng")}), world)
+    meta = broadcast((error, None if state is None else {k: state[k] for k in ("step", "curves", "rng", "resumes")}), world)
     if meta[0]:
         raise CheckpointError(meta[0])
     meta = meta[1]
@@ -346,7 +402,63 @@ def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     torch.set_rng_state(meta["rng"]["torch"])
     if device.type == "cuda" and "cuda" in meta["rng"]:
         torch.cuda.set_rng_state(meta["rng"]["cuda"], device)
-    return int(meta["step"]), meta["curves"]
+    return int(meta["step"]), meta["curves"], meta["resumes"]
+
+
+def build_training(model_cfg: ModelConfig, cfg: TrainConfig, world: World,
+                   device: torch.device) -> tuple[LanguageModel, torch.nn.Module, torch.optim.Optimizer]:
+    """The model (``raw``: its parameters and state dict), the module to call for training (DDP's wrapper,
+    or ``raw`` itself, sharded in place under FSDP) and the optimiser.
+
+    ``compile`` compiles each block in place, as torchtitan does: the blocks of one mixer share one
+    compiled graph, so a 24-layer model compiles about as fast as one layer, and the state dict keeps its
+    plain names. The embedding and the head's fused loss stay outside the graphs.
+    """
+    raw = LanguageModel(model_cfg).to(device)
+    if cfg.compile:
+        for block in raw.blocks:
+            block.compile()
+    model = parallelize(raw, world, device)  # DDP wraps; FSDP shards ``raw`` in place
+    return raw, model, make_optimizer(raw, cfg, device)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch
+    grad_norm: float  # before clipping
+    stop_votes: float  # processes that received SIGTERM
+    applied: bool  # False: loss or gradient norm was not finite, so the optimiser was not stepped
+
+
+def training_step(model: torch.nn.Module, raw: LanguageModel, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                  y: torch.Tensor, cfg: TrainConfig, world: World, device: torch.device, dtype: torch.dtype | None,
+                  stop_requested: bool = False) -> StepResult:
+    """One optimiser step on the global batch (x, y) [sequences_per_step, seq_len].
+
+    The update is applied only when the loss and the gradient norm are both finite: a finite loss can
+    still come with infinite gradients, and one such update would poison every later checkpoint.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for i, (xb, yb) in enumerate(_micro_batches(x, y, cfg, world)):
+        with gradient_sync(model, world, enabled=i == cfg.grad_accum_steps - 1):
+            with _autocast(device, dtype):
+                micro_loss = model(xb.to(device), targets=yb.to(device), loss_impl=cfg.loss_impl)
+            (micro_loss / cfg.grad_accum_steps).backward()
+        loss_sum += micro_loss.detach()
+    # one all-reduce per step: the global mean loss, and whether any process got SIGTERM
+    shared = torch.stack([loss_sum / cfg.grad_accum_steps, torch.tensor(float(stop_requested), device=device)])
+    loss_total, stop_votes = all_reduce(shared, world).tolist()
+    loss = loss_total / world.size
+    if not math.isfinite(loss):
+        return StepResult(loss, math.nan, stop_votes, applied=False)
+    # the norm of every gradient, all-reduced under DDP and FSDP alike; clipping only when grad_clip > 0
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm).item()
+    if not math.isfinite(grad_norm):
+        return StepResult(loss, grad_norm, stop_votes, applied=False)
+    optimizer.step()
+    return StepResult(loss, grad_norm, stop_votes, applied=True)
 
 
 def _micro_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, world: World):
@@ -377,6 +489,21 @@ class TrainResult:
     rank: int = 0  # of the process that returns it; rank 0 alone writes files
 
 
+def check_device(device: str) -> None:
+    """A device this torch and machine can use, or a ConfigError that says what is missing."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+                   f"this torch (CUDA {torch.version.cuda}) sees no GPU")
+            raise ConfigError("device", device, f"{why}; use --device cpu, or run on a machine with a CUDA GPU")
+        index = device.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError("device", device, f"this machine has {torch.cuda.device_count()} GPU(s), "
+                                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", device, "MPS is not available on this machine; use --device cpu")
+
+
 def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -404,6 +531,7 @@ def train(
                           f"sequences of every micro-step); use a multiple of {world.size}")
     if resume and not out_dir:
         raise ConfigError("out_dir", out_dir, "resume needs the out_dir holding checkpoint.pt")
+    check_device(train_cfg.device)
     device = process_device(world, train_cfg.device)
     init_process_group(world, device)
     return _train(model_cfg, train_cfg, data, Path(out_dir) if out_dir else None, resume, progress, world, device)
@@ -414,19 +542,17 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    raw = LanguageModel(model_cfg).to(device)
+    raw, model, optimizer = build_training(model_cfg, cfg, world, device)
     params, params_non_embedding = raw.num_params(), raw.num_params(non_embedding=True)
     flops_per_token = 3 * raw.flops_per_token(cfg.seq_len)  # training ≈ forward + 2× forward for backward
-    model = parallelize(raw, world, device)  # DDP wraps; FSDP shards ``raw`` in place
-    step_model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(raw, cfg)
     dtype = autocast_dtype(cfg.autocast, device)
     peak, peak_source = peak_flops(cfg, device)
     curves: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    resumes: list[dict[str, Any]] = []
     start = 0
     checkpoint = out_dir / "checkpoint.pt" if out_dir else None
     if resume:
-        start, curves = _restore(checkpoint, raw, optimizer, model_cfg, world, device)
+        start, curves, resumes = _restore(checkpoint, raw, optimizer, model_cfg, cfg, world, device)
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     for point in curves["eval"]:
         stopper.update(point["step"], point["loss"])
@@ -457,7 +583,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
     def save(step: int) -> None:
         model_state, optimizer_state = full_state_dicts(raw, optimizer)  # a collective under FSDP
         if checkpoint and world.is_main:
-            save_checkpoint(checkpoint, model_state, optimizer_state, step, model_cfg, cfg, curves, _rng_state(device))
+            save_checkpoint(checkpoint, model_state, optimizer_state, step, model_cfg, cfg, curves, _rng_state(device),
+                            resumes)
 
     done = saved = start
     loss, stop_votes = math.nan, 0.0
@@ -473,31 +600,17 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x, y = batch_at(data.train, cfg.sequences_per_step, cfg.seq_len, cfg.seed, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=device)
-                for i, (xb, yb) in enumerate(_micro_batches(x, y, cfg, world)):
-                    with gradient_sync(model, world, enabled=i == cfg.grad_accum_steps - 1):
-                        with _autocast(device, dtype):
-                            logits = step_model(xb.to(device))
-                        micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), yb.to(device).flatten())
-                        (micro_loss / cfg.grad_accum_steps).backward()
-                    loss_sum += micro_loss.detach()
-                # one all-reduce per step: the global mean loss, and whether any process got SIGTERM
-                shared = torch.stack([loss_sum / cfg.grad_accum_steps, torch.tensor(float(sigterm.received), device=device)])
-                loss_total, stop_votes = all_reduce(shared, world).tolist()
-                loss = loss_total / world.size
-                if not math.isfinite(loss):
+                result = training_step(model, raw, optimizer, x, y, cfg, world, device, dtype,
+                                       stop_requested=sigterm.received)
+                loss, grad_norm, stop_votes = result.loss, result.grad_norm, result.stop_votes
+                if not result.applied:
                     where = f"the last good checkpoint {checkpoint} is kept" if checkpoint and checkpoint.exists() else "no checkpoint was written"
+                    what = f"loss is {loss}" if not math.isfinite(loss) else \
+                        f"the gradient norm is {grad_norm} while the loss ({loss:.4g}) is finite"
                     raise TrainingDivergedError(
-                        f"loss is {loss} at step {step} (lr {lr:.3g}); {where}. "
+                        f"{what} at step {step} (lr {lr:.3g}); the step was not applied and {where}. "
                         "Lower lr, raise warmup_steps or enable grad_clip."
                     )
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip).item()
-                    if cfg.grad_clip > 0
-                    else float("nan")
-                )
-                optimizer.step()
                 done = step + 1
                 elapsed = time.perf_counter() - t_step
                 if step == start:
@@ -574,6 +687,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         "peak_flops_source": peak_source,
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
+        "loss_impl": resolve_loss_impl(cfg.loss_impl, device, needs_grad=True),
+        "resumes": resumes,  # each resume: the step and the training fields it changed (steps, intervals, …)
     }
     return TrainResult(model=raw, metrics=metrics, curves=curves, rank=world.rank)
 

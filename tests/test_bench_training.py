@@ -1,0 +1,81 @@
+"""``lmscale bench train`` on the CPU at the quick size: records with the trainer's numbers, one process per
+point, resumable, and failures recorded without stopping the sweep."""
+
+import json
+
+import pytest
+
+from lmscale.bench.training import Point, format_table, measured_keys, run_points
+from lmscale.cli import main
+from lmscale.config import ConfigError
+from lmscale.results import read_records
+
+
+def _quick(mixer, **overrides):
+    options = {"preset": "tiny", "seq_len": 32, "tokens_per_step": 64, "compile": False, "warmup_steps": 1,
+               "timed_steps": 2}
+    options.update(overrides)
+    return Point(mixer=mixer, **options)
+
+
+def test_each_point_runs_in_its_own_process_and_writes_the_trainers_numbers(tmp_path):
+    records, path = run_points([_quick("attention"), _quick("gla")], "cpu", tmp_path, progress=False)
+    assert [r["status"] for r in records] == ["ok", "ok"] and read_records(path) == records
+    for r in records:
+        m, c = r["metrics"], r["config"]
+        assert c["batch_size"] == 2 and c["model"]["mixer"] == c["mixer"] and r["kind"] == "train-bench"
+        assert m["tokens_per_second"] == pytest.approx(64 / (m["step_ms_median"] / 1e3))
+        assert m["step_ms_p10"] <= m["step_ms_median"] <= m["step_ms_p90"]
+        assert m["flops_per_token"] > 0 and m["mfu"] is None  # no invented CPU peak
+        # the counter sees the same matmuls the analytic model counts, give or take the mixer's own terms
+        assert m["flops_counted_per_token"] == pytest.approx(m["flops_per_token"], rel=0.05)
+        assert m["peak_memory_bytes"] > 0 and m["loss_impl_resolved"] == "chunked"
+        assert m["top_kernels"] and sum(k["share"] for k in m["top_kernels"]) <= 1 + 1e-9
+        assert r["provenance"]["git_commit"]
+
+
+def test_measured_points_are_skipped_and_force_measures_them_again(tmp_path):
+    run_points([_quick("attention")], "cpu", tmp_path, in_process=True, progress=False)
+    assert measured_keys(tmp_path) == {_quick("attention").key}
+    records, _ = run_points([_quick("attention"), _quick("retnet", profile=False, count_flops=False)], "cpu",
+                            tmp_path, in_process=True, progress=False)
+    assert [r["config"]["mixer"] for r in records] == ["retnet"]
+    assert "top_kernels" not in records[0]["metrics"] and "flops_counted_per_token" not in records[0]["metrics"]
+    records, _ = run_points([_quick("attention")], "cpu", tmp_path, force=True, in_process=True, progress=False)
+    assert len(records) == 1
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+    records, _ = run_points([_quick("attention", loss_impl="liger"), _quick("attention")], "cpu", tmp_path,
+                            progress=False)
+    assert [r["status"] for r in records] == ["error", "ok"]
+    assert "'liger' runs on CUDA only" in records[0]["error"]
+    assert "error" in format_table(records) and measured_keys(tmp_path) == {_quick("attention").key}
+
+
+def test_impossible_points_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="'tokens_per_step'=100: must be a multiple of seq_len=32"):
+        run_points([_quick("attention", tokens_per_step=100)], "cpu", tmp_path, progress=False)
+
+
+def test_cli_quick_run_writes_records_and_prints_the_table(tmp_path, capsys):
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--mixers", "lru", "--seq-len", "32",
+                 "--tokens-per-step", "64", "--count-flops", "false", "--in-process", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "lru" in out and "tiny" in out and "written:" in out
+    (path,) = tmp_path.glob("*.jsonl")
+    record = json.loads(path.read_text())
+    assert record["status"] == "ok" and record["config"]["seq_len"] == 32
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--mixers", "no_such_mixer",
+                 "--out", str(tmp_path)]) == 2
+    assert "unknown mixer" in capsys.readouterr().err
+
+
+def test_loss_benchmark_times_each_implementation_and_skips_what_cannot_run_here():
+    from lmscale.bench.training import loss_records
+
+    records = loss_records(["tiny"], "cpu", tokens=64)
+    by_impl = {r["config"]["impl"]: r for r in records}
+    assert by_impl["full"]["status"] == by_impl["chunked"]["status"] == "ok"
+    assert by_impl["chunked"]["metrics"]["grad_weight_rel_error"] < 1e-5 and by_impl["chunked"]["metrics"]["ms_median"] > 0
+    assert by_impl["liger"]["status"] == "skipped" and "CUDA only" in by_impl["liger"]["error"]
