@@ -516,6 +516,135 @@ if have:
 # keeps every version's time, prediction and per-kernel profile.
 
 # %% [markdown]
+# ## What a training step costs
+#
+# A kernel that is fast alone can still leave a training step slow: the step also runs the
+# projections, the MLPs, the norms, the head's loss over 50,257 classes and the optimiser. `lmscale bench
+# train` (`lmscale.bench.training`) times the trainer's own step (`lmscale.train.training_step`) for
+# every mixer at the 125M and 350M presets: T = 2048, 32K tokens per optimiser step, bf16 autocast,
+# each block compiled, the loss computed with the head chunk by chunk so the `[tokens, vocab]` logits
+# never exist (`lmscale.loss`: Liger-Kernel's fused kernel on CUDA), and fused AdamW. Each point runs in
+# its own process; warm-up steps pay for compilation and the median of the timed steps is reported.
+# MFU is the analytic training FLOPs (three times the forward's matmuls, causal pairs only) over the
+# card's dense bf16 peak; the counted MFU uses what `torch.utils.flop_counter` sees in one eager step of
+# the PyTorch forms instead (it cannot see Triton kernels).
+
+# %%
+from lmscale.bench.training import EXPERIMENT as THROUGHPUT
+from lmscale.mixers import available
+
+KERNEL_KINDS = (("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
+                ("attention (flash)", ("flash", "fmha", "attention")),
+                ("fused elementwise (inductor)", ("triton_poi", "triton_red", "triton_per", "triton_tem")),
+                ("loss (Liger)", ("cross_entropy", "element_mul")),
+                ("optimiser", ("adam", "multi_tensor", "foreach")))
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's family, by its name; lmscale's own Triton kernels are what remains of the Triton ones."""
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other (incl. lmscale's Triton kernels)"
+
+
+steps = load_records(THROUGHPUT)
+if not steps.empty:
+    steps = steps[steps["device"].astype(str).str.startswith("cuda")]
+train_bench = steps[steps["kind"] == "train-bench"] if not steps.empty else steps
+if len(train_bench):
+    train_bench = train_bench.sort_values("date").drop_duplicates(["config.mixer", "config.preset"], keep="last")
+    table_rows = []
+    for _, r in train_bench.sort_values(["config.preset", "config.mixer"]).iterrows():
+        okay = r["status"] == "ok"
+        table_rows.append({
+            "preset": r["config.preset"], "mixer": r["config.mixer"],
+            "K tokens/s": r["metrics.tokens_per_second"] / 1e3 if okay else None,
+            "MFU": r["metrics.mfu"] if okay else None,
+            "MFU, counted FLOPs": r.get("metrics.mfu_counted") if okay else None,
+            "step ms": r["metrics.step_ms_median"] if okay else None,
+            "peak GB": r["metrics.peak_memory_bytes"] / 1e9 if okay else None,
+            "note": "" if okay else f"{r['status']}: {str(r.get('error', ''))[:120]}"})
+    display(Markdown(f"**One training step per mixer and size** — "
+                     f"{', '.join(sorted(train_bench['hardware'].astype(str).unique()))}"))
+    display(plots.table(pd.DataFrame(table_rows), "train_steps",
+                        formats={"K tokens/s": "{:,.1f}", "MFU": "{:.1%}", "MFU, counted FLOPs": "{:.1%}",
+                                 "step ms": "{:.1f}", "peak GB": "{:.1f}"}).format(na_rep="—"))
+    measured = train_bench[train_bench["status"] == "ok"]
+    chart_data = measured.rename(columns={"config.mixer": "mixer", "config.preset": "preset", "metrics.mfu": "MFU"})
+    display(alt.Chart(chart_data[["mixer", "preset", "MFU"]]).mark_bar().encode(
+        x=alt.X("MFU:Q", axis=alt.Axis(format="%"), title="model FLOPs utilisation (analytic FLOPs)"),
+        y=alt.Y("mixer:N", sort="-x", title=None), color=alt.Color("preset:N", title="preset"),
+        yOffset="preset:N").properties(height=22 * len(chart_data), title="Training step, 32K tokens, T = 2048"))
+    kinds = [{"preset": r["config.preset"], "mixer": r["config.mixer"], "kind": kernel_kind(k["name"]),
+              "share": k["share"]}
+             for _, r in measured.iterrows() if isinstance(r.get("metrics.top_kernels"), list)
+             for k in r["metrics.top_kernels"]]
+    if kinds:
+        where = pd.DataFrame(kinds).groupby(["preset", "mixer", "kind"], as_index=False)["share"].sum()
+        display(alt.Chart(where).mark_bar().encode(
+            x=alt.X("share:Q", axis=alt.Axis(format="%"), title="share of the profiled step's kernel time "
+                                                               f"(its {len(measured['metrics.top_kernels'].iloc[0])} "
+                                                               "largest kernels)"),
+            y=alt.Y("mixer:N", title=None), color=alt.Color("kind:N", title="kernel family"),
+            row=alt.Row("preset:N", title=None)).properties(width=440, title="Where a training step's time goes"))
+else:
+    display(Markdown("*No `lmscale bench train` records from a GPU are committed yet: `PYTHONPATH=src python -m "
+                     "lmscale bench train --device cuda` makes them, in `data/results/throughput/`.*"))
+
+# %% [markdown]
+# The head's loss alone, forward and backward at 32K tokens in bf16 (`lmscale bench loss`): the plain
+# head with `F.cross_entropy` over every logit, the chunked PyTorch form that the CPU runs, Liger-Kernel's
+# fused kernel that the GPU runs, and Apple's Cut Cross-Entropy as a peer (at its default, which skips
+# gradient entries below a threshold). Memory is what the call allocates beyond its inputs; the errors
+# are relative to a float32 reference on the same bf16 inputs.
+
+# %%
+loss_bench = steps[(steps["kind"] == "loss-bench") & (steps["status"] == "ok")] if not steps.empty else steps
+if len(loss_bench):
+    loss_bench = loss_bench.sort_values("date").drop_duplicates(["config.impl", "config.preset"], keep="last")
+    display(plots.table(loss_bench.rename(columns={
+        "config.preset": "preset", "config.impl": "implementation", "metrics.ms_median": "ms",
+        "metrics.extra_memory_bytes": "extra bytes", "metrics.grad_hidden_rel_error": "grad error (hidden)",
+        "metrics.grad_weight_rel_error": "grad error (weight)"})[
+        ["preset", "implementation", "ms", "extra bytes", "grad error (hidden)", "grad error (weight)"]],
+        "loss_bench", formats={"ms": "{:.2f}", "extra bytes": lambda b: f"{b / 2**30:.2f} GiB",
+                               "grad error (hidden)": "{:.1e}", "grad error (weight)": "{:.1e}"}))
+    display(Markdown(f"*Source: {plots.provenance_caption(loss_bench)}*"))
+else:
+    display(Markdown("*No `lmscale bench loss` records from a GPU are committed yet.*"))
+
+# %% [markdown]
+# ### Targets for the training step
+#
+# On an H100: attention at 350M at least 45 % MFU; the gated linear recurrences (GLA, simple GLA,
+# RetNet) and the delta rules (DeltaNet, Gated DeltaNet) at least 40 %; every mixer's 350M step with
+# 32K tokens in at most 40 GB. Each row is read from the records; a missing measurement says so.
+
+# %%
+def step_target(mixer: str, goal: float):
+    rows = train_bench[(train_bench["config.mixer"] == mixer) & (train_bench["config.preset"] == "350M")
+                       & (train_bench["status"] == "ok")] if len(train_bench) else train_bench
+    if rows.empty:
+        return target(f"{mixer} 350M: MFU ≥ {goal:.0%}", "missing", f"≥ {goal:.0%}", None)
+    mfu = float(rows["metrics.mfu"].iloc[-1])
+    return target(f"{mixer} 350M: MFU ≥ {goal:.0%}", f"{mfu:.1%} on {rows['hardware'].iloc[-1]}", f"≥ {goal:.0%}",
+                  mfu >= goal)
+
+
+step_rows = [step_target("attention", 0.45)] + [step_target(m, 0.40) for m in
+                                                 ("gla", "simple_gla", "retnet", "deltanet", "gated_deltanet")]
+at_350 = train_bench[train_bench["config.preset"] == "350M"] if len(train_bench) else train_bench
+fits = at_350[(at_350["status"] == "ok") & (at_350["metrics.peak_memory_bytes"] <= 40e9)] if len(at_350) else at_350
+largest = at_350["metrics.peak_memory_bytes"].max() if len(at_350) else None
+step_rows.append(target("every mixer's 350M step (32K tokens) in ≤ 40 GB",
+                        f"{len(fits)} of {len(available())} mixers" + (f"; largest {largest / 1e9:.1f} GB"
+                                                                      if pd.notna(largest) else ""),
+                        "all", len(fits) == len(available()) if len(at_350) else None))
+display(plots.table(pd.DataFrame(step_rows), "step_targets"))
+
+# %% [markdown]
 # ## Correctness of every timed number
 #
 # The largest relative error any implementation showed against the float32 reference at any size (the
