@@ -442,3 +442,16 @@ def test_cuda_without_cuda_is_one_clear_line(capsys):
 def test_non_finite_float_fields_are_refused(field, value):
     with pytest.raises(ConfigError, match=rf"'{field}'=.*: must be a finite number"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_activation_checkpointing_trains_exactly_like_storing_activations(monkeypatch, compile):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    data = _data()
+    model_cfg, stored = _cfgs("gla", steps=4, warmup_steps=1, log_interval=1, compile=compile)
+    _, recomputed = _cfgs("gla", steps=4, warmup_steps=1, log_interval=1, compile=compile,
+                          activation_checkpointing=True)
+    a, b = train(model_cfg, stored, data), train(model_cfg, recomputed, data)
+    assert _losses(b) == _losses(a)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)

@@ -197,6 +197,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: the GPU table (none on CPU)
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tensorboard (if installed)
     loss_impl: str = "auto"  # the head's loss without full logits: auto | chunked | liger | full (lmscale.loss)
+    activation_checkpointing: bool = False  # keep each block's input only; recompute the block in the backward
 
     def __post_init__(self) -> None:
         self.validate()
@@ -237,7 +238,7 @@ class TrainConfig:
         for name, choices in (("autocast", AUTOCAST_MODES), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
-        for name in ("compile", "tensorboard"):
+        for name in ("compile", "tensorboard", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "must be True or False")
         if self.peak_flops is not None and not (

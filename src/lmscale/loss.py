@@ -18,6 +18,12 @@ Implementations (``impl``):
 
 Every implementation works in the hidden states' dtype for the matmuls (bf16 under autocast, as the
 plain head's ``nn.Linear`` would) and in float32 for the softmax, logsumexp and the loss.
+
+The fused implementations pad the classes to a multiple of ``PAD_CLASSES_TO`` with zero rows of the
+weight whose logits are pushed to ``MASKED_LOGIT`` (a bias for Liger, a fill for the chunked form),
+so they get no probability and no gradient: the loss is exactly that of the 50,257 classes. GPT-2's
+odd class count makes cuBLAS fall back to unaligned tensor-core kernels (``…_align1``): on an H100
+the head's three matmuls took 88 ms of a 320 ms step at 350M (issue 13's first profile).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from torch import Tensor
 from lmscale.config import LOSS_IMPLS
 
 IGNORE_INDEX = -100  # a target equal to this adds nothing to the loss (as in F.cross_entropy)
+PAD_CLASSES_TO = 64  # 50,257 -> 50,304 classes: every matmul's class dimension 128-byte aligned in bf16
+MASKED_LOGIT = -1e4  # a padded class's logit: exp(-1e4 - max) is 0 in float32, and no inf enters any sum
 CHUNK_LOGIT_BYTES = 256 * 2**20  # float32 logits of one chunk: 1,335 tokens at GPT-2's vocabulary
 
 
@@ -61,18 +69,20 @@ def chunk_rows(vocab_size: int, n_tokens: int, logit_bytes: int = CHUNK_LOGIT_BY
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed loss over chunks of tokens; gradients are formed chunk by chunk in the forward pass.
 
-    hidden [N, D], weight [V, D] (same dtype), targets [N] (int64) -> summed loss (float32 scalar).
+    hidden [N, D], weight [V', D] (same dtype), targets [N] (int64) -> summed loss (float32 scalar).
+    Rows ``classes`` … V' − 1 of the weight are padding: their logits are masked out.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, rows: int, classes: int) -> Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]  # (c, D), (c,)
-            logits = (h @ weight.T).float()  # (c, V)
+            logits = (h @ weight.T).float()  # (c, V')
+            logits[:, classes:] = MASKED_LOGIT
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
@@ -97,6 +107,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+            None,
             None,
             None,
         )
@@ -127,13 +138,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, red
         if which == "full":
             logits = (hidden @ weight.T).float()
             return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+        classes = weight.shape[0]
+        padded = F.pad(weight, (0, 0, 0, -classes % PAD_CLASSES_TO))  # (V', D), zero rows at the end
         if which == "liger":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+            bias = torch.zeros(padded.shape[0], dtype=padded.dtype, device=padded.device)
+            bias[classes:] = MASKED_LOGIT
+            return liger_fused_linear_cross_entropy(hidden, padded, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                                     reduction=reduction, accum_dtype=torch.float32)
-        rows = chunk_rows(weight.shape[0], hidden.shape[0], logit_bytes)
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, rows)
+        rows = chunk_rows(padded.shape[0], hidden.shape[0], logit_bytes)
+        total = ChunkedLinearCrossEntropy.apply(hidden, padded, targets, rows, classes)
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmscale.config import ModelConfig
 from lmscale.loss import linear_cross_entropy
@@ -71,6 +72,7 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied: one [V, D] matrix reads tokens in and out
+        self.checkpoint_blocks = False  # activation checkpointing, set by the trainer (TrainConfig)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -102,8 +104,12 @@ class LanguageModel(nn.Module):
         states = [None] * len(self.blocks) if state is None else state
         x = self.embed(idx)  # (B, T, D)
         new_states = []
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block, layer_state in zip(self.blocks, states, strict=True):
-            x, layer_state = block(x, layer_state, return_state)
+            if recompute:  # keep only each block's input; its activations are recomputed in the backward
+                x, layer_state = checkpoint(block, x, layer_state, return_state, use_reentrant=False)
+            else:
+                x, layer_state = block(x, layer_state, return_state)
             new_states.append(layer_state)
         if targets is not None:
             out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,

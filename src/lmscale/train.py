@@ -410,11 +410,14 @@ def build_training(model_cfg: ModelConfig, cfg: TrainConfig, world: World,
     """The model (``raw``: its parameters and state dict), the module to call for training (DDP's wrapper,
     or ``raw`` itself, sharded in place under FSDP) and the optimiser.
 
+    ``activation_checkpointing`` keeps only each block's input for the backward, which recomputes the
+    block: about one more forward of compute for activations of one [B, T, D] tensor per layer.
     ``compile`` compiles each block in place, as torchtitan does: the blocks of one mixer share one
     compiled graph, so a 24-layer model compiles about as fast as one layer, and the state dict keeps its
     plain names. The embedding and the head's fused loss stay outside the graphs.
     """
     raw = LanguageModel(model_cfg).to(device)
+    raw.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.compile:
         for block in raw.blocks:
             block.compile()

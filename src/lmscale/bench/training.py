@@ -50,6 +50,7 @@ class Point:
     tokens_per_step: int = 32768
     compile: bool = True
     loss_impl: str = "auto"
+    activation_checkpointing: bool = False
     warmup_steps: int = 5
     timed_steps: int = 10
     profile: bool = True
@@ -62,7 +63,8 @@ class Point:
 
     @property
     def key(self) -> tuple:
-        return (self.mixer, self.preset, self.seq_len, self.tokens_per_step, self.compile, self.loss_impl)
+        return (self.mixer, self.preset, self.seq_len, self.tokens_per_step, self.compile, self.loss_impl,
+                self.activation_checkpointing)
 
     def check(self) -> None:
         from lmscale.config import ConfigError
@@ -79,7 +81,7 @@ class Point:
 def _record_key(record: dict[str, Any]) -> tuple:
     c = record["config"]
     return (c.get("mixer"), c.get("preset"), c.get("seq_len"), c.get("tokens_per_step"), c.get("compile"),
-            c.get("loss_impl"))
+            c.get("loss_impl"), c.get("activation_checkpointing", False))
 
 
 def measured_keys(out: Path) -> set[tuple]:
@@ -165,6 +167,7 @@ def _time_training(point: Point, device) -> dict[str, Any]:
     steps = point.warmup_steps + point.timed_steps + int(point.profile)
     cfg = TrainConfig(steps=steps + 1, batch_size=point.batch_size, seq_len=point.seq_len, warmup_steps=1,
                       device=str(device), compile=point.compile, loss_impl=point.loss_impl, tensorboard=False,
+                      activation_checkpointing=point.activation_checkpointing,
                       seed=point.seed)
     model_cfg = _model_config(point)
     if device.type == "cuda":
@@ -243,7 +246,7 @@ def measure_and_record(point: Point, device_name: str) -> dict[str, Any]:
     try:
         metrics = measure(point, device_name)
     except torch.cuda.OutOfMemoryError as e:
-        status, extra = "oom", {"error": str(e).splitlines()[0]}
+        status, extra = "oom", {"error": str(e).splitlines()[0], "traceback": traceback.format_exc()[-4000:]}
         metrics = {"peak_memory_bytes": torch.cuda.max_memory_allocated()}
     except Exception as e:  # noqa: BLE001 - any failure becomes the point's record, and the sweep goes on
         status, extra = "error", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}

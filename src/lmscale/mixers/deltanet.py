@@ -128,6 +128,8 @@ class DeltaNet(Mixer):
         q, k, v, beta, log_alpha, window = self._project(x, window)
         if use_triton(self.impl, q, (self.head_dim,), DELTA_RULE_MAX_HEAD_DIM):
             from lmscale.ops.triton.delta_rule import chunk_delta_rule as op
+
+            q, k = q.to(v.dtype), k.to(v.dtype)  # autocast's L2 norm returns float32; the kernel takes one dtype
         else:
             op = {"chunk": partial(chunk_delta_rule, chunk_size=self.chunk_size), "naive": naive_delta_rule}[self.form]
         o, memory = op(q, k, v, beta, log_alpha, initial_state=memory, output_final_state=return_state)
