@@ -568,12 +568,15 @@ if len(train_bench):
             "MFU, counted FLOPs": r.get("metrics.mfu_counted") if okay else None,
             "step ms": r["metrics.step_ms_median"] if okay else None,
             "peak GB": r["metrics.peak_memory_bytes"] / 1e9 if okay else None,
+            "commit": str(r["git_commit"])[:7],
             "note": "" if okay else f"{r['status']}: {str(r.get('error', ''))[:120]}"})
     display(Markdown(f"**One training step per mixer and size** — "
                      f"{', '.join(sorted(train_bench['hardware'].astype(str).unique()))}"))
     display(plots.table(pd.DataFrame(table_rows), "train_steps",
                         formats={"K tokens/s": "{:,.1f}", "MFU": "{:.1%}", "MFU, counted FLOPs": "{:.1%}",
-                                 "step ms": "{:.1f}", "peak GB": "{:.1f}"}).format(na_rep="—"))
+                                 "step ms": "{:.1f}", "peak GB": "{:.1f}"}, code=("commit",)).format(na_rep="—"))
+    display(Markdown(f"*Source: {plots.provenance_caption(train_bench)} Each row is the newest record of its "
+                     "mixer and size; the commit column says which code it measured.*"))
     measured = train_bench[train_bench["status"] == "ok"]
     chart_data = measured.assign(mixer=measured["config.mixer"] + measured["recompute"].map({True: " (recomputed)",
                                                                                              False: ""}))
