@@ -572,9 +572,13 @@ if len(train_bench):
             "note": "" if okay else f"{r['status']}: {str(r.get('error', ''))[:120]}"})
     display(Markdown(f"**One training step per mixer and size** — "
                      f"{', '.join(sorted(train_bench['hardware'].astype(str).unique()))}"))
+    def shown(spec: str):
+        return lambda value: "—" if value is None or pd.isna(value) else spec.format(value)
+
     display(plots.table(pd.DataFrame(table_rows), "train_steps",
-                        formats={"K tokens/s": "{:,.1f}", "MFU": "{:.1%}", "MFU, counted FLOPs": "{:.1%}",
-                                 "step ms": "{:.1f}", "peak GB": "{:.1f}"}, code=("commit",)).format(na_rep="—"))
+                        formats={"K tokens/s": shown("{:,.1f}"), "MFU": shown("{:.1%}"),
+                                 "MFU, counted FLOPs": shown("{:.1%}"), "step ms": shown("{:.1f}"),
+                                 "peak GB": shown("{:.1f}")}, code=("commit",)))
     display(Markdown(f"*Source: {plots.provenance_caption(train_bench)} Each row is the newest record of its "
                      "mixer and size; the commit column says which code it measured.*"))
     measured = train_bench[train_bench["status"] == "ok"]
