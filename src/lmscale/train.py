@@ -378,7 +378,8 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_cfg: ModelConfig,
-             cfg: TrainConfig, world: World, device: torch.device) -> tuple[int, dict[str, list[dict[str, Any]]]]:
+             cfg: TrainConfig, world: World,
+             device: torch.device) -> tuple[int, dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Load model, optimiser and RNG from rank 0's checkpoint on every rank; returns (step, curves, resumes).
 
     ``resumes`` lists every resume of the run so far, this one last: the step and the training fields

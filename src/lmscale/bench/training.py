@@ -24,7 +24,6 @@ resumes; ``force`` measures them again.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -296,7 +295,7 @@ def _in_child(point: Point, device_name: str, timeout_s: float) -> dict[str, Any
         result = Path(tmp) / "point.jsonl"
         cmd = [sys.executable, "-m", "lmscale.bench.training", json.dumps(asdict(point)), device_name, str(result)]
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
             if result.is_file():
                 return read_records(result)[0]
             why = f"the measuring process exited with status {proc.returncode}: {proc.stderr.strip()[-2000:]}"
