@@ -85,13 +85,14 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
                                                                                        monkeypatch):
     results = tmp_path / "results"
     monkeypatch.setenv("LMSCALE_RESULTS", str(results))
-    spec = _spec(tmp_path, fixed={**TINY, "mixer": "gla"}, grid={"mixer_options": [{}, {"bogus": 1}]})
+    # a vocabulary smaller than the corpus's token ids fails only when the run meets the data
+    spec = _spec(tmp_path, fixed={**TINY, "mixer": "gla"}, grid={"vocab_size": [50257, 1000]})
     assert main(["sweep", str(spec), "--jobs", "2"]) == 1  # some run failed
     error, ok = sorted(_records(results).values(), key=lambda r: r["status"])
-    assert ok["status"] == "ok" and ok["config"]["model"]["mixer_options"] == {}
+    assert ok["status"] == "ok" and ok["config"]["model"]["vocab_size"] == 50257
     assert error["status"] == "error" and error["kind"] == "train" and error["metrics"] == {}
-    assert error["config"]["params"]["mixer_options"] == {"bogus": 1} and error["config"]["runner"] == "direct"
-    assert "mixer_options['bogus']" in error["error"]["stderr_tail"] and "--mixer-option" in error["error"]["command"]
+    assert error["config"]["params"]["vocab_size"] == 1000 and error["config"]["runner"] == "direct"
+    assert "'vocab_size'=1000" in error["error"]["stderr_tail"] and "--vocab-size" in error["error"]["command"]
 
     outcomes = {o.run_id: o.status for o in run_sweep(load_spec(spec), dry_run=True)}
     assert outcomes == {ok["run_id"]: "skipped", error["run_id"]: "to retry"}
@@ -108,6 +109,10 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
     ({"grid": {"seed": [0, 0]}}, "grid"),  # two runs, one id
     ({"fixed": {**TINY, "n_heads": 3}}, "d_model"),  # 16 channels do not split into 3 heads
     ({"runner": "slurm"}, "runner"),
+    ({"grid": {"mixer": ["attention", "glaa"]}}, "'mixer'='glaa': unknown mixer.*Did you mean 'gla'"),
+    ({"fixed": {**TINY, "seq_len": 32}}, "'seq_len'=32: exceeds the model's max_seq_len=16"),
+    ({"fixed": {**TINY, "mixer_options": {"chunk_sise": 8}}, "grid": {"mixer": ["gla"]}},
+     "mixer_options['chunk_sise']'=8: unknown option for mixer 'gla'"),
     ({"experiment": "my sweep"}, "experiment"),
 ])
 def test_a_bad_spec_fails_before_any_run_naming_the_key(tmp_path, change, key):

@@ -220,10 +220,20 @@ class _DirectRunner:
         self.defaults = {**self.model_fields, **self.train_fields}
 
     def check(self, run: Run) -> None:
-        """Build the configs the child will build, so an impossible one fails before any run starts."""
+        """Build what the child will build, so an impossible run fails before any run starts: the configs,
+        and the model on the meta device (no memory), which checks every layer's mixer name and options;
+        and the sequence length against the model's."""
+        import torch
+
+        from lmscale.model import LanguageModel
+
         try:
-            ModelConfig(**{k: v for k, v in run.params.items() if k in self.model_fields})
-            TrainConfig(**{k: v for k, v in run.params.items() if k in self.train_fields})
+            model = ModelConfig(**{k: v for k, v in run.params.items() if k in self.model_fields})
+            train = TrainConfig(**{k: v for k, v in run.params.items() if k in self.train_fields})
+            with torch.device("meta"):
+                LanguageModel(model)
+            if train.seq_len > model.max_seq_len:
+                raise ConfigError("seq_len", train.seq_len, f"exceeds the model's max_seq_len={model.max_seq_len}")
         except ConfigError as e:
             why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
             raise ConfigError(e.field, e.value, f"{why} (run {run.run_id})") from e
