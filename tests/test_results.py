@@ -78,3 +78,33 @@ def test_record_missing_fields_names_them(tmp_path):
 def test_names_that_would_escape_the_folder_are_refused():
     with pytest.raises(RecordError, match="experiment name"):
         make_record("../evil", kind="train", config={}, seed=0, metrics={})
+
+
+def test_a_gpu_record_must_name_its_commit(monkeypatch):
+    from lmscale import results
+
+    monkeypatch.delenv("LMSCALE_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(results, "_git", lambda *args: None)  # a tree without .git, as on the GPU machine
+    with pytest.raises(RecordError, match=r"no git commit for a record made on cuda.*--git-commit"):
+        make_record("exp", kind="train", config={}, seed=0, metrics={}, device="cuda")
+    assert make_record("exp", kind="train", config={}, seed=0, metrics={}, device="cpu")["provenance"]["git_commit"] \
+        is None  # a CPU record reruns anywhere; it is kept and says it has no commit
+    monkeypatch.setenv("LMSCALE_GIT_COMMIT", "0123abc")
+    monkeypatch.setenv("LMSCALE_GIT_DIRTY", "true")
+    record = make_record("exp", kind="train", config={}, seed=0, metrics={}, device="cuda")
+    assert (record["provenance"]["git_commit"], record["provenance"]["git_dirty"]) == ("0123abc", True)
+
+
+def test_the_cli_takes_the_commit_as_an_argument_and_refuses_gpu_work_without_one(monkeypatch, capsys):
+    import os
+
+    from lmscale import results
+    from lmscale.cli import main
+
+    monkeypatch.delenv("LMSCALE_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("LMSCALE_GIT_DIRTY", raising=False)
+    monkeypatch.setattr(results, "_git", lambda *args: None)
+    assert main(["bench", "train", "--device", "cuda", "--quick"]) == 2
+    assert "no git commit for a record made on cuda" in capsys.readouterr().err
+    assert main(["--git-commit", "feedbee", "presets", "--mixer", "gla"]) == 0
+    assert os.environ["LMSCALE_GIT_COMMIT"] == "feedbee" and os.environ["LMSCALE_GIT_DIRTY"] == "false"

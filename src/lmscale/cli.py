@@ -12,6 +12,7 @@ from typing import Any
 
 from lmscale.bench import KERNEL_OPS
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
+from lmscale.results import require_commit
 
 
 def _name_list(text: str) -> list[str]:
@@ -144,6 +145,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmscale", description=__doc__)
+    parser.add_argument("--git-commit", default=None, metavar="SHA",
+                        help="the commit this code is, for records made where the tree has no .git (the GPU "
+                             "machine); sets LMSCALE_GIT_COMMIT for this process and its children")
+    parser.add_argument("--git-dirty", type=_switch, default=False, metavar="true|false",
+                        help="with --git-commit: whether the tree differs from that commit (default false)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="the offline corpus").add_subparsers(dest="data_command", required=True)
@@ -349,7 +355,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.git_commit:
+        os.environ["LMSCALE_GIT_COMMIT"] = args.git_commit
+        os.environ["LMSCALE_GIT_DIRTY"] = str(args.git_dirty).lower()
     try:
+        device = getattr(args, "device", None)
+        if device is None and args.command == "bench":  # the benchmarks default to the GPU when there is one
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        require_commit(device)  # before any GPU work: a GPU number that cannot name its code is not kept
         return args.func(args)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"lmscale: error: {e}", file=sys.stderr)

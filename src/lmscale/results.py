@@ -82,15 +82,31 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def code_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the code that runs: stated by ``LMSCALE_GIT_COMMIT``/``LMSCALE_GIT_DIRTY`` (the
+    CLI's ``--git-commit``) for a copy of the tree whose .git is absent or stale, as on the GPU machine;
+    else read from the checkout. (None, None) when neither says."""
+    if os.environ.get("LMSCALE_GIT_COMMIT"):
+        return os.environ["LMSCALE_GIT_COMMIT"], os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, (bool(status) if status is not None else None)
+
+
+def require_commit(device: str | None) -> None:
+    """A GPU record must say which code it measured: refuse to make one without a commit.
+
+    Call it before a GPU run starts, so that no device time is spent on numbers that cannot be written.
+    """
+    if device and str(device).startswith("cuda") and code_commit()[0] is None:
+        raise RecordError(f"no git commit for a record made on {device}: this tree has no usable .git; pass "
+                          "--git-commit $(git rev-parse HEAD) (or set LMSCALE_GIT_COMMIT) so the record names "
+                          "the code it measured")
+
+
 def provenance(device: str | None = None, command: str | None = None) -> dict[str, Any]:
     """What made a number: code version, libraries, hardware, command line and date."""
-    if os.environ.get("LMSCALE_GIT_COMMIT"):
-        # a copy of the working tree whose .git is absent or stale (the GPU machine): the sender states it
-        commit, dirty = os.environ["LMSCALE_GIT_COMMIT"], os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
-    else:
-        commit = _git("rev-parse", "HEAD")
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        dirty = bool(status) if status is not None else None
+    commit, dirty = code_commit()
     return {
         "git_commit": commit,
         "git_dirty": dirty,
@@ -132,7 +148,8 @@ def make_record(
     status: str = "ok",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a record with provenance; ``write_record`` stores it."""
+    """Assemble a record with provenance; ``write_record`` stores it. A GPU record needs a commit."""
+    require_commit(device)
     _check_name("experiment", experiment)
     run_id = run_id or f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     _check_name("run_id", run_id)

@@ -731,8 +731,9 @@ def train_and_record(
 ) -> tuple[Path | None, TrainResult]:
     """Train, then write the run's result record; returns the record's path (None on ranks other than
     0, which write nothing) and the result."""
-    from lmscale.results import make_record, write_record
+    from lmscale.results import make_record, require_commit, write_record
 
+    require_commit(train_cfg.device)  # before training, not after: the record must name its code
     result = train(model_cfg, train_cfg, data, out_dir=out_dir, resume=resume, progress=progress)
     if result.rank != 0:
         return None, result
