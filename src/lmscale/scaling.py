@@ -190,3 +190,87 @@ def format_budgets(params: float, unique_tokens: float | None = None) -> str:
                      f"{epochs}), C = {b.compute:.2e} FLOPs  [{b.citation}]")
         lines.append(f"{'':<17} {b.derivation}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """L(N) = E + A·N^(−α) fitted to a ladder of (N, L), with bootstrap percentile intervals.
+
+    ``intervals`` maps "E", "A" and "alpha" to (low, high) at ``level``. The bootstrap resamples the
+    residuals onto the fitted curve (the sizes are a fixed design: a ladder of five or six sizes
+    resampled case by case would often lose the sizes that pin α down).
+    """
+
+    E: float
+    A: float
+    alpha: float
+    intervals: dict[str, tuple[float, float]]
+    level: float
+    n_points: int
+    n_boot: int  # bootstrap fits that converged, of those asked for
+
+    def loss(self, params: float) -> float:
+        return self.E + self.A * params ** (-self.alpha)
+
+
+def _grid_starts(log_n, losses):
+    """Starting points (E, log A, α) on a grid: Hoffmann et al. start L-BFGS from a grid too, because the
+    loss surface has long flat valleys."""
+    import numpy as np
+
+    top = float(losses.min())
+    return [(e0, float(np.log(max(float(losses.mean()) - e0, 1e-6)) + alpha0 * log_n.mean()), alpha0)
+            for alpha0 in (0.05, 0.2, 0.5, 1.0) for e0 in (0.0, 0.5 * top, 0.9 * top)]
+
+
+def _fit_once(log_n, losses, starts):
+    """Least squares for (E, log A, α), the best over ``starts``; E ≥ 0 and below every loss, 0 < α ≤ 3."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    def residuals(theta):
+        e, log_a, alpha = theta
+        return e + np.exp(log_a - alpha * log_n) - losses
+
+    top = max(float(losses.min()) - 1e-9, 1e-9)
+    best = None
+    for e0, log_a0, alpha0 in starts:
+        start = (min(max(e0, 0.0), top), log_a0, min(max(alpha0, 1e-4), 3.0))
+        result = least_squares(residuals, start, bounds=((0.0, -np.inf, 1e-4), (top, np.inf, 3.0)))
+        if result.success and (best is None or result.cost < best.cost):
+            best = result
+    return None if best is None else best.x
+
+
+def fit_power_law(params, losses, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> PowerLawFit:
+    """Fit L(N) = E + A·N^(−α) to parameter counts ``params`` and losses ``losses`` (nats), with
+    ``level`` bootstrap intervals from ``n_boot`` residual resamples (seeded: the same data give the same
+    intervals)."""
+    import numpy as np
+
+    n = np.asarray(params, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if n.shape != loss.shape or n.ndim != 1:
+        raise ValueError(f"params and losses must be two lists of one length, got shapes {n.shape} and {loss.shape}")
+    if not (np.isfinite(n).all() and np.isfinite(loss).all() and (n > 0).all()):
+        raise ValueError("every parameter count must be positive and every loss finite; drop the runs that diverged")
+    if len(np.unique(n)) < 4:
+        raise ValueError(f"a fit of E, A and α needs at least 4 distinct sizes, got {len(np.unique(n))}: "
+                         "train more sizes of the ladder")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level must lie in (0, 1) and n_boot be positive, got {level} and {n_boot}")
+    log_n = np.log(n)
+    theta = _fit_once(log_n, loss, _grid_starts(log_n, loss))
+    if theta is None:
+        raise ValueError("the power-law fit did not converge from any starting point")
+    fitted = theta[0] + np.exp(theta[1] - theta[2] * log_n)
+    residuals = loss - fitted
+    rng = np.random.default_rng(seed)  # each resample starts from the estimate: it lies near the optimum
+    samples = [s for s in (_fit_once(log_n, fitted + rng.choice(residuals, size=len(residuals)), [tuple(theta)])
+                           for _ in range(n_boot)) if s is not None]
+    draws = np.array([[s[0], np.exp(s[1]), s[2]] for s in samples])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    intervals = {name: (float(lo), float(hi)) for name, lo, hi in zip(("E", "A", "alpha"), low, high, strict=True)}
+    return PowerLawFit(E=float(theta[0]), A=float(np.exp(theta[1])), alpha=float(theta[2]), intervals=intervals,
+                       level=level, n_points=len(n), n_boot=len(samples))
