@@ -532,6 +532,7 @@ if have:
 # %%
 from lmscale.bench.training import EXPERIMENT as THROUGHPUT
 from lmscale.mixers import available
+from lmscale.results import code_changed_since
 
 KERNEL_KINDS = (("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
                 ("attention (flash)", ("flash", "fmha", "attention")),
@@ -552,6 +553,15 @@ def kernel_kind(name: str) -> str:
 steps = load_records(THROUGHPUT)
 if not steps.empty:
     steps = steps[steps["device"].astype(str).str.startswith("cuda")]
+# numbers of library code that has changed since are withheld: they describe code that no longer runs
+outdated = {c for c in steps["git_commit"].dropna().unique() if code_changed_since(c)} if not steps.empty else set()
+if outdated:
+    withheld = steps[steps["git_commit"].isin(outdated)]
+    steps = steps[~steps["git_commit"].isin(outdated)]
+    display(Markdown(f"*{len(withheld)} throughput record(s) from commit(s) "
+                     f"{', '.join(sorted(c[:7] for c in outdated))} are not shown: the library has changed since "
+                     "they were measured. `docs/NOTES.md` keeps what they found and what was changed because of "
+                     "it; rerunning the benchmarks replaces them.*"))
 train_bench = steps[steps["kind"] == "train-bench"] if not steps.empty else steps
 if len(train_bench):
     recompute = train_bench.get("config.activation_checkpointing", pd.Series(False, index=train_bench.index))
@@ -651,7 +661,8 @@ step_rows = [step_target("attention", 0.45)] + [step_target(m, 0.40) for m in
 at_350 = train_bench[train_bench["config.preset"] == "350M"] if len(train_bench) else train_bench
 fitting = at_350[(at_350["status"] == "ok") & (at_350["metrics.peak_memory_bytes"] <= 40e9)] if len(at_350) \
     else at_350
-fits, fits_recomputed = (set(fitting[fitting["recompute"] == r]["config.mixer"]) for r in (False, True))
+fits, fits_recomputed = (set(fitting[fitting["recompute"] == r]["config.mixer"]) if len(fitting) else set()
+                         for r in (False, True))
 largest = at_350[~at_350["recompute"]]["metrics.peak_memory_bytes"].max() if len(at_350) else None
 step_rows.append(target("every mixer's 350M step (32K tokens) in ≤ 40 GB, activations stored",
                         f"{len(fits)} of {len(available())} mixers" + (f"; largest {largest / 1e9:.1f} GB"

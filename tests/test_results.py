@@ -108,3 +108,22 @@ def test_the_cli_takes_the_commit_as_an_argument_and_refuses_gpu_work_without_on
     assert "no git commit for a record made on cuda" in capsys.readouterr().err
     assert main(["--git-commit", "feedbee", "presets", "--mixer", "gla"]) == 0
     assert os.environ["LMSCALE_GIT_COMMIT"] == "feedbee" and os.environ["LMSCALE_GIT_DIRTY"] == "false"
+
+
+def test_code_changed_since_tells_current_numbers_from_outdated_ones():
+    import subprocess
+
+    from lmscale.paths import repo_root
+    from lmscale.results import code_changed_since
+
+    assert code_changed_since(None) is None and code_changed_since("0" * 40) is None  # unknown, not "unchanged"
+    git = ["git", "-C", str(repo_root())]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    if not head:
+        pytest.skip("this copy of the project has no .git")
+    edited = subprocess.run([*git, "diff", "--name-only", "HEAD", "--", "src"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert code_changed_since(head) is bool(edited)
+    first = subprocess.run([*git, "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    assert code_changed_since(first) is True  # the library has changed since the first commit

@@ -93,6 +93,16 @@ def code_commit() -> tuple[str | None, bool | None]:
     return commit, (bool(status) if status is not None else None)
 
 
+def code_changed_since(commit: str | None, paths: tuple[str, ...] = ("src",)) -> bool | None:
+    """Whether the library under ``paths`` differs between ``commit`` and the checkout (None: unknown,
+    e.g. no .git or a commit this clone lacks). A chapter uses it to keep numbers of code that has
+    changed since apart from current ones."""
+    if not commit or _git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return None
+    diff = _git("diff", "--name-only", commit, "--", *paths)
+    return None if diff is None else bool(diff)
+
+
 def require_commit(device: str | None) -> None:
     """A GPU record must say which code it measured: refuse to make one without a commit.
 
