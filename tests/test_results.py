@@ -126,4 +126,5 @@ def test_code_changed_since_tells_current_numbers_from_outdated_ones():
     assert code_changed_since(head) is bool(edited)
     first = subprocess.run([*git, "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True,
                            check=True).stdout.split()[0]
-    assert code_changed_since(first) is True  # the library has changed since the first commit
+    if first != head:  # a shallow clone has one commit only
+        assert code_changed_since(first) is True  # the library has changed since the first commit
