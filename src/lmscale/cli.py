@@ -289,13 +289,11 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     """Exit status 1 when a point failed (its record says why), so scripts notice."""
-    import torch
-
     from lmscale.bench.training import EXPERIMENT, SIZES, Point, format_table, run_points
     from lmscale.mixers import available
     from lmscale.paths import results_dir
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # main() resolved the default
     quick = {"presets": ["tiny"], "seq_len": 64, "tokens_per_step": 256, "warmup_steps": 1, "timed_steps": 2}
 
     def pick(name: str, default: Any) -> Any:
@@ -320,13 +318,11 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 def _cmd_bench_loss(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     from lmscale.bench.training import EXPERIMENT, loss_records
     from lmscale.paths import results_dir
     from lmscale.results import write_records
 
-    records = loss_records(args.presets, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.tokens)
+    records = loss_records(args.presets, args.device, args.tokens)  # main() resolved the default device
     path = write_records(records, (args.out or results_dir() / EXPERIMENT) / f"loss-bench-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
     for r in records:
         m = r["metrics"]
@@ -363,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if device is None and args.command == "bench":  # the benchmarks default to the GPU when there is one
             import torch
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
         require_commit(device)  # before any GPU work: a GPU number that cannot name its code is not kept
         return args.func(args)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
