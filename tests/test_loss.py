@@ -112,6 +112,18 @@ def test_model_loss_equals_cross_entropy_of_its_logits_with_the_same_gradients()
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_per_target_losses_match_cross_entropy_in_chunks():
+    """reduction="none" (the evaluation by position) is the plain per-token loss, shaped like the targets."""
+    hidden, weight = torch.randn(3, 7, 16), torch.randn(301, 16)
+    targets = torch.randint(0, 301, (3, 7))
+    targets[1, 2] = IGNORE_INDEX
+    losses = linear_cross_entropy(hidden, weight, targets, reduction="none", logit_bytes=4 * 301 * 5)  # 5-row chunks
+    expected = F.cross_entropy((hidden @ weight.T).reshape(-1, 301), targets.reshape(-1), reduction="none",
+                               ignore_index=IGNORE_INDEX).reshape(3, 7)
+    assert losses.shape == (3, 7) and losses[1, 2] == 0
+    torch.testing.assert_close(losses, expected)
+
+
 def test_bad_requests_name_the_problem():
     hidden, weight, targets = _inputs()
     with pytest.raises(ValueError, match="'fused' is unknown; choose one of auto, chunked, liger, full"):
@@ -120,8 +132,8 @@ def test_bad_requests_name_the_problem():
         linear_cross_entropy(hidden, weight, targets, impl="liger")
     with pytest.raises(ValueError, match="must agree in all but the last dimension"):
         linear_cross_entropy(hidden, weight, targets[:-1])
-    with pytest.raises(ValueError, match="reduction 'none' is not supported"):
-        linear_cross_entropy(hidden, weight, targets, reduction="none")
+    with pytest.raises(ValueError, match="reduction 'batchmean' is not supported; use 'mean', 'sum' or 'none'"):
+        linear_cross_entropy(hidden, weight, targets, reduction="batchmean")
     assert resolve_impl("auto", torch.device("cpu"), needs_grad=True) == "chunked"
 
 

@@ -36,10 +36,10 @@ def test_presets_have_the_gpt3_shapes_and_sizes():
     for name, (d_model, n_layers, n_heads) in GPT3_SHAPES.items():
         cfg = preset(name, "attention")
         assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size) == (d_model, n_layers, n_heads, 50257)
-    nominal = {"50M": 50e6, "125M": 125e6, "350M": 350e6, "760M": 760e6, "1.3B": 1.3e9}
+    nominal = {"11M": 11e6, "18M": 18e6, "34M": 34e6, "50M": 50e6, "81M": 81e6, "125M": 125e6, "350M": 350e6, "760M": 760e6, "1.3B": 1.3e9}
     for name, size in nominal.items():
         total, _ = param_counts(preset(name, "attention"))
-        assert abs(total / size - 1) < 0.03, (name, total)
+        assert abs(total / size - 1) < 0.04, (name, total)  # the name is the total, rounded
     assert (preset("tiny", "gla").d_model, preset("small-cpu", "gla").d_model) == (64, 128)
 
 

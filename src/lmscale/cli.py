@@ -19,6 +19,13 @@ def _name_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",")]
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(value) for value in _name_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1024,4096") from None
+
+
 def _switch(text: str) -> bool:
     """``true``/``false`` (also 1/0, yes/no): ``bool("False")`` would be True."""
     value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
@@ -28,7 +35,8 @@ def _switch(text: str) -> bool:
 
 
 # parsers for fields whose default (None) does not tell their type; keyed by the annotation
-_OPTIONAL_FIELD_TYPES = {"int | None": int, "float | None": float, "list[str] | None": _name_list}
+_OPTIONAL_FIELD_TYPES = {"int | None": int, "float | None": float, "list[str] | None": _name_list,
+                         "list[int] | None": _int_list}
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
@@ -45,7 +53,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str]) ->
             kind = _OPTIONAL_FIELD_TYPES.get(str(f.type), str)
         else:
             kind = type(default) if default is not dataclasses.MISSING else str
-        note = ", comma-separated" if kind is _name_list else ""
+        note = ", comma-separated" if kind in (_name_list, _int_list) else ""
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                             help=f"default {default!r}{note}")
 

@@ -198,6 +198,11 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tensorboard (if installed)
     loss_impl: str = "auto"  # the head's loss without full logits: auto | chunked | liger | full (lmscale.loss)
     activation_checkpointing: bool = False  # keep each block's input only; recompute the block in the backward
+    # after training: the loss over whole corpus splits (e.g. validation, test, test_ood) in consecutive
+    # seq_len windows, and the loss by position in windows of these lengths inside single test documents
+    final_eval: list[str] | None = None
+    position_eval_lengths: list[int] | None = None
+    final_eval_tokens: int = 0  # at most this many tokens per split and length, evenly spread; 0: all
 
     def __post_init__(self) -> None:
         self.validate()
@@ -208,7 +213,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(name, value, "must be a positive integer")
-        for name in ("warmup_steps", "checkpoint_interval", "seed", "early_stopping_patience"):
+        for name in ("warmup_steps", "checkpoint_interval", "seed", "early_stopping_patience", "final_eval_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(name, value, "must be a non-negative integer")
@@ -246,6 +251,19 @@ class TrainConfig:
         ):
             raise ConfigError("peak_flops", self.peak_flops,
                               "must be the device's peak FLOP/s, a positive number such as 989.4e12, or None")
+
+        self._validate_final_eval()
+
+    def _validate_final_eval(self) -> None:
+        splits = self.final_eval or []
+        if not isinstance(splits, list) or not all(isinstance(s, str) and s for s in splits):
+            raise ConfigError("final_eval", self.final_eval, "must be a list of corpus split names, e.g. "
+                                                             "['validation', 'test', 'test_ood']")
+        lengths = self.position_eval_lengths or []
+        if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 1
+                                                    for n in lengths):
+            raise ConfigError("position_eval_lengths", self.position_eval_lengths,
+                              "must be a list of window lengths above 1, e.g. [1024, 4096]")
 
     def _validate_schedule(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -118,14 +118,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, red
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, without materialising all logits.
 
     hidden [..., D], weight [V, D], targets [...] (int64; ``IGNORE_INDEX`` entries are skipped).
-    ``reduction`` is ``"mean"`` (over the targets that count) or ``"sum"``. Under autocast the matmuls
-    run in the autocast dtype, as the plain head's would; the loss is float32.
+    ``reduction`` is ``"mean"`` (over the targets that count), ``"sum"``, or ``"none"``: the loss of every
+    target, shaped like ``targets`` (0 where ignored), for evaluations by position. ``"none"`` computes
+    the logits chunk by chunk in plain PyTorch; under autograd it keeps every chunk's logits, so it is
+    meant for evaluation. Under autocast the matmuls run in the autocast dtype, as the plain head's
+    would; the loss is float32.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction {reduction!r} is not supported; use 'mean' or 'sum'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction {reduction!r} is not supported; use 'mean', 'sum' or 'none'")
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} must agree in all "
                          "but the last dimension")
+    shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -135,6 +139,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, red
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     which = resolve_impl(impl, hidden.device, needs_grad)
     with torch.autocast(hidden.device.type, enabled=False):
+        if reduction == "none":
+            rows = chunk_rows(weight.shape[0], hidden.shape[0], logit_bytes)
+            losses = [F.cross_entropy((h @ weight.T).float(), t, ignore_index=IGNORE_INDEX, reduction="none")
+                      for h, t in zip(hidden.split(rows), targets.split(rows), strict=True)]
+            return torch.cat(losses).reshape(shape)
         if which == "full":
             logits = (hidden @ weight.T).float()
             return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)

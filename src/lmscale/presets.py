@@ -57,7 +57,11 @@ class Shape:
 _SHAPES: dict[str, Shape] = {
     "tiny": Shape(64, 2, 2, max_seq_len=1024, mlp_multiple=8),
     "small-cpu": Shape(128, 4, 4, max_seq_len=1024, mlp_multiple=8),
+    "11M": Shape(192, 4, 3, max_seq_len=2048, mlp_multiple=32),
+    "18M": Shape(256, 6, 4, max_seq_len=2048, mlp_multiple=32),
+    "34M": Shape(384, 8, 6, max_seq_len=2048, mlp_multiple=32),
     "50M": Shape(512, 8, 8, max_seq_len=2048, mlp_multiple=32),
+    "81M": Shape(640, 10, 10, max_seq_len=2048, mlp_multiple=32),
     "125M": Shape(768, 12, 12, max_seq_len=2048, mlp_multiple=32),
     "350M": Shape(1024, 24, 16, max_seq_len=2048, mlp_multiple=32),
     "760M": Shape(1536, 24, 16, max_seq_len=2048, mlp_multiple=32),

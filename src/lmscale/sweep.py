@@ -217,7 +217,19 @@ class _DirectRunner:
     def __init__(self) -> None:
         self.model_fields = {f.name: _field_default(f) for f in dataclasses.fields(ModelConfig)}
         self.train_fields = {f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)}
-        self.defaults = {**self.model_fields, **self.train_fields}
+        # ``preset`` names a shape whose MLP width is solved per mixer (lmscale.presets); model fields the
+        # spec sets override it, as on the command line
+        self.defaults = {"preset": "", **self.model_fields, **self.train_fields}
+
+    def resolve(self, params: dict[str, Any], given: tuple[str, ...]) -> dict[str, Any]:
+        """The parameters with a preset's model fields filled in, so run ids and checks see the real shape."""
+        if not params["preset"]:
+            return params
+        from lmscale.presets import preset
+
+        overrides = {k: params[k] for k in given if k in self.model_fields and k != "mixer"}
+        cfg = preset(params["preset"], params["mixer"], **overrides)
+        return {**params, **{k: getattr(cfg, k) for k in self.model_fields}}
 
     def check(self, run: Run) -> None:
         """Build what the child will build, so an impossible run fails before any run starts: the configs,
@@ -243,11 +255,13 @@ class _DirectRunner:
         for key in run.given:
             value = run.params[key]
             flag = f"--{key.replace('_', '-')}"
+            if key == "preset" and not value:
+                continue
             if key == "mixer_options":
                 argv += [arg for name, option in value.items()
                          for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
             elif isinstance(value, list):
-                argv += [flag, ",".join(value)]
+                argv += [flag, ",".join(map(str, value))]
             elif value is not None:
                 argv += [flag, str(value)]
         return argv, None, repo_root()
@@ -333,6 +347,8 @@ def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[R
     for values in itertools.product(*(spec.grid[a] for a in axes)):
         point = dict(zip(axes, values))
         params = {**runner.defaults, **spec.fixed, **point}
+        if isinstance(runner, _DirectRunner):
+            params = runner.resolve(params, given)
         run_id = run_id_for(params, axes)
         _check_name("run_id", run_id)
         if run_id in seen:

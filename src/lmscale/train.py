@@ -66,6 +66,8 @@ class TokenData:
     train: np.ndarray
     validation: np.ndarray
     bytes_per_token: dict[str, float] = field(default_factory=dict)
+    others: dict[str, np.ndarray] = field(default_factory=dict)  # further splits for the final evaluation
+    eos_id: int | None = None  # the document separator: windows without it lie inside one document
 
     @classmethod
     def from_corpus(cls, corpus_dir: Path | None = None) -> TokenData:
@@ -77,7 +79,17 @@ class TokenData:
             train=load_split(corpus_dir, "train"),
             validation=load_split(corpus_dir, "validation"),
             bytes_per_token={name: s["bytes"] / s["tokens"] for name, s in splits.items() if s["tokens"]},
+            others={name: load_split(corpus_dir, name) for name in splits
+                    if name not in ("train", "validation") and splits[name]["tokens"]},
+            eos_id=manifest.get("document_separator", {}).get("id"),
         )
+
+    def split(self, name: str) -> np.ndarray:
+        """The tokens of split ``name``; an unknown name raises ConfigError listing the splits there are."""
+        splits = {"train": self.train, "validation": self.validation, **self.others}
+        if name not in splits:
+            raise ConfigError("final_eval", name, f"is not a split of this corpus; its splits are {', '.join(splits)}")
+        return splits[name]
 
     def check(self, seq_len: int, vocab_size: int) -> None:
         for name in ("train", "validation"):
@@ -253,6 +265,80 @@ def _catch_sigterm() -> Iterator[_SigtermFlag]:
 
 
 @torch.no_grad()
+def split_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0, eos_id: int | None = None,
+                  multiple: int = 1) -> np.ndarray:
+    """Consecutive, non-overlapping windows of ``seq_len + 1`` tokens ([n, seq_len + 1], int64).
+
+    With ``eos_id`` only windows that hold no document separator are kept, so every position's context
+    lies in one document. ``max_tokens`` > 0 keeps at most that many tokens' worth, evenly spread over
+    the split; the count is cut to a multiple of ``multiple`` (the number of processes).
+    """
+    n = (len(tokens) - 1) // seq_len
+    starts = np.arange(n, dtype=np.int64) * seq_len
+    windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts]) if n else \
+        np.zeros((0, seq_len + 1), dtype=np.int64)
+    if eos_id is not None and len(windows):
+        windows = windows[~(windows == eos_id).any(axis=1)]
+    if max_tokens and len(windows) > max(1, max_tokens // seq_len):
+        keep = np.linspace(0, len(windows) - 1, num=max(1, max_tokens // seq_len)).round().astype(np.int64)
+        windows = windows[keep]
+    return windows[: len(windows) - len(windows) % multiple]
+
+
+def _batches(windows: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    w = torch.from_numpy(windows)
+    return [(b[:, :-1], b[:, 1:]) for b in w.split(batch_size)]
+
+
+def final_evaluation(model: LanguageModel, data: TokenData, cfg: TrainConfig, device: torch.device,
+                     dtype: torch.dtype | None, world: World) -> dict[str, Any]:
+    """The whole-split losses of ``cfg.final_eval`` and the loss by position of ``cfg.position_eval_lengths``."""
+    out: dict[str, Any] = {}
+    for name in cfg.final_eval or []:
+        windows = split_windows(data.split(name), cfg.seq_len, cfg.final_eval_tokens, multiple=world.size)
+        if not len(windows):
+            raise ConfigError("final_eval", name, f"the split holds no whole window of seq_len={cfg.seq_len}")
+        metrics = evaluate(model, _batches(windows, cfg.batch_size), device, data.bytes_per_token.get(name),
+                           dtype=dtype, world=world)
+        out.setdefault("final_eval", {})[name] = {**metrics, "tokens": int(windows.shape[0] * cfg.seq_len)}
+    for length in cfg.position_eval_lengths or []:
+        out.setdefault("position_loss", {})[str(length)] = position_loss(model, data, length, cfg, device, dtype,
+                                                                         world)
+    return out
+
+
+POSITION_BINS = 128
+
+
+def position_loss(model: LanguageModel, data: TokenData, length: int, cfg: TrainConfig, device: torch.device,
+                  dtype: torch.dtype | None, world: World) -> dict[str, Any]:
+    """Mean loss at each position of ``length``-token windows inside single test documents, averaged in
+    ``POSITION_BINS`` equal bins: how the loss falls with the context used, and past the trained length."""
+    split = "test" if "test" in data.others else "validation"
+    windows = split_windows(data.split(split), length, cfg.final_eval_tokens, eos_id=data.eos_id,
+                            multiple=world.size)
+    if not len(windows):
+        raise ConfigError("position_eval_lengths", length, f"the {split} split holds no document of {length + 1} "
+                                                           "tokens; use shorter lengths")
+    per_batch = max(world.size, cfg.batch_size * cfg.seq_len // length // world.size * world.size)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(length, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in _batches(windows, per_batch):
+            share = len(x) // world.size
+            rows = slice(world.rank * share, (world.rank + 1) * share)
+            with _autocast(device, dtype):
+                losses = model(x[rows].to(device), targets=y[rows].to(device), loss_reduction="none")
+            sums += losses.double().sum(0)
+    model.train(was_training)
+    mean = (all_reduce(sums, world) / len(windows)).cpu()
+    bins = min(POSITION_BINS, length)
+    edges = np.linspace(0, length, bins + 1).round().astype(int)
+    return {"split": split, "windows": int(len(windows)), "bin_edges": edges.tolist(),
+            "loss": [float(mean[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]}
+
+
 def evaluate(
     model: torch.nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -544,6 +630,12 @@ def train(
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: Path | None, resume: bool,
            progress: bool, world: World, device: torch.device) -> TrainResult:
     torch.manual_seed(cfg.seed)
+    for name in cfg.final_eval or []:  # a misspelt split fails now, not after the training it would waste
+        data.split(name)
+    too_long = [n for n in cfg.position_eval_lengths or [] if n > model_cfg.max_seq_len]
+    if too_long:
+        raise ConfigError("position_eval_lengths", too_long, f"exceed the model's max_seq_len="
+                          f"{model_cfg.max_seq_len}; raise max_seq_len (RoPE needs no retraining to run longer)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     raw, model, optimizer = build_training(model_cfg, cfg, world, device)
@@ -657,6 +749,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
             "no out_dir was given, so nothing was saved"
         raise TrainingInterrupted(f"training stopped by SIGTERM after step {done} of {cfg.steps}; {kept}")
 
+    final = final_evaluation(raw, data, cfg, device, dtype, world)
     # steady-state throughput: the session's first step pays for compilation and warm-up, so it is left out
     timed_steps, timed_seconds = (done - start - 1, train_seconds - first_step_seconds) if done - start > 1 else \
         (done - start, train_seconds)
@@ -665,11 +758,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
     if memory is not None and world.distributed:
         memory = int(all_reduce(torch.tensor(float(memory), dtype=torch.float64, device=device), world, op="max").item())
         memory_source += ", largest over processes"
-    final = curves["eval"][-1]
+    last = curves["eval"][-1]
     metrics = {
-        "val_loss": final["loss"],
-        "val_perplexity": final["perplexity"],
-        "val_bits_per_byte": final.get("bits_per_byte"),
+        "val_loss": last["loss"],
+        "val_perplexity": last["perplexity"],
+        "val_bits_per_byte": last.get("bits_per_byte"),
         "train_loss": curves["train"][-1]["loss"],
         "best_val_loss": stopper.best_loss,
         "steps": done,
@@ -693,6 +786,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         "peak_memory_source": memory_source,
         "loss_impl": resolve_loss_impl(cfg.loss_impl, device, needs_grad=True),
         "resumes": resumes,  # each resume: the step and the training fields it changed (steps, intervals, …)
+        **final,
     }
     return TrainResult(model=raw, metrics=metrics, curves=curves, rank=world.rank)
 
