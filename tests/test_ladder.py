@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from lmscale.config import ModelConfig, TrainConfig
-from lmscale.ladder import best_lr, fit_ladders, gaps_to_reference, ladder_table, model_label, regime, seed_spread
+from lmscale.ladder import (
+    best_lr,
+    fit_ladders,
+    gaps_to_reference,
+    ladder_table,
+    regime,
+    seed_spread,
+)
 from lmscale.results import load_records, make_record, write_record
 
 UNIQUE = 6.5e6

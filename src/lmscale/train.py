@@ -11,6 +11,7 @@ checkpoint sees exactly the batches and updates the uninterrupted run saw.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -335,8 +336,8 @@ def position_loss(model: LanguageModel, data: TokenData, length: int, cfg: Train
     mean = (all_reduce(sums, world) / len(windows)).cpu()
     bins = min(POSITION_BINS, length)
     edges = np.linspace(0, length, bins + 1).round().astype(int)
-    return {"split": split, "windows": int(len(windows)), "bin_edges": edges.tolist(),
-            "loss": [float(mean[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]}
+    return {"split": split, "windows": len(windows), "bin_edges": edges.tolist(),
+            "loss": [float(mean[a:b].mean()) for a, b in itertools.pairwise(edges.tolist())]}
 
 
 def evaluate(
