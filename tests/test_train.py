@@ -27,7 +27,9 @@ from lmscale.train import (
     batch_at,
     load_checkpoint,
     lr_at,
+    evaluate,
     peak_flops,
+    split_windows,
     train,
     train_and_record,
 )
@@ -342,6 +344,9 @@ def test_tensorboard_events_are_written_when_installed(tmp_path):
     ("early_stopping_min_delta", -0.1, "must be non-negative"),
     ("compile", "yes", "must be True or False"),
     ("peak_flops", 0, "must be the device's peak FLOP/s"),
+    ("final_eval", ["test", ""], "must be a list of corpus split names"),
+    ("position_eval_lengths", [1024, 1], "must be a list of window lengths above 1"),
+    ("final_eval_tokens", -1, "must be a non-negative integer"),
 ])
 def test_new_training_fields_name_themselves(field, value, message):
     with pytest.raises(ConfigError, match=rf"'{field}'=.*{message}"):
@@ -455,3 +460,49 @@ def test_activation_checkpointing_trains_exactly_like_storing_activations(monkey
     assert _losses(b) == _losses(a)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_split_windows_are_consecutive_inside_documents_capped_and_even():
+    tokens = np.arange(100, dtype=np.uint16)
+    windows = split_windows(tokens, 10)
+    assert windows.shape == (9, 11) and (windows[1] == np.arange(10, 21)).all()  # stride 10, 11 tokens each
+    inside = split_windows(tokens, 10, eos_id=35)  # the window holding the separator is dropped
+    assert len(inside) == 8 and not (inside == 35).any()
+    capped = split_windows(tokens, 10, max_tokens=30)
+    assert [w[0] for w in capped] == [0, 40, 80]  # evenly spread over the split
+    assert len(split_windows(tokens, 10, multiple=4)) == 8
+
+
+def test_final_evaluation_scores_whole_splits_and_positions(tmp_path):
+    data = _data()
+    rng = np.random.default_rng(5)
+    data.others = {"test": data.validation.copy(), "test_ood": rng.integers(0, 257, 3000).astype(np.uint16)}
+    data.bytes_per_token.update({"test": 4.0, "test_ood": 3.0})
+    model_cfg, cfg = _cfgs(final_eval=["test", "test_ood"], position_eval_lengths=[16, 32], final_eval_tokens=1024)
+    result = train(model_cfg, cfg, data)
+    final = result.metrics["final_eval"]
+    windows = split_windows(data.others["test"], cfg.seq_len, 1024)
+    batches = [(torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])) for w in np.split(windows, [8, 16, 24])]
+    expected = evaluate(result.model, batches, torch.device("cpu"), 4.0)
+    assert final["test"]["tokens"] == 1024 and final["test"]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert final["test_ood"]["loss"] > final["test"]["loss"] + 1  # noise is far harder than the learnt grammar
+    assert final["test_ood"]["bits_per_byte"] == pytest.approx(final["test_ood"]["loss"] / math.log(2) / 3.0)
+    by_position = result.metrics["position_loss"]["32"]
+    assert by_position["split"] == "test" and by_position["windows"] == 32
+    assert len(by_position["loss"]) == 32 and by_position["bin_edges"][-1] == 32
+    long = torch.from_numpy(split_windows(data.others["test"], 32, 1024))  # no eos_id: every window counts
+    with torch.no_grad():
+        logits = result.model(long[:, :-1])
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), long[:, 1:], reduction="none")
+    np.testing.assert_allclose(by_position["loss"], per_token.mean(0).double().numpy(), rtol=1e-5)
+    assert len(result.metrics["position_loss"]["16"]["loss"]) == 16
+
+
+def test_final_evaluation_mistakes_fail_before_training():
+    model_cfg, cfg = _cfgs(final_eval=["tset"])
+    with pytest.raises(ConfigError, match="'final_eval'='tset': is not a split of this corpus; its splits are "
+                                          "train, validation"):
+        train(model_cfg, cfg, _data())
+    model_cfg, cfg = _cfgs(position_eval_lengths=[64])
+    with pytest.raises(ConfigError, match=r"exceed the model's max_seq_len=32; raise max_seq_len"):
+        train(model_cfg, cfg, _data())
