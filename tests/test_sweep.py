@@ -13,7 +13,7 @@ import yaml
 from lmscale.cli import main
 from lmscale.config import ConfigError
 from lmscale.results import make_record, read_records, write_record
-from lmscale.sweep import expand, load_spec, parse_spec, run_id_for, run_sweep
+from lmscale.sweep import _DirectRunner, expand, load_spec, parse_spec, run_id_for, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest model that trains on the real corpus (GPT-2 vocabulary) in a couple of seconds.
@@ -51,6 +51,25 @@ def test_axes_the_id_does_not_name_add_a_stable_hash():
     assert ids == [r.run_id for r in expand(spec)]
     params = expand(spec)[0].params
     assert run_id_for(params, ["mixer"]) == "gla-d16-l1-h2-t16-s3-seed0"  # no extra axis, no hash
+
+
+def test_cases_vary_settings_together_and_presets_give_the_shape():
+    fixed = {k: v for k, v in TINY.items() if k not in ("seq_len", "batch_size")}
+    spec = parse_spec({"experiment": "e", "fixed": {**fixed, "max_seq_len": 64}, "grid": {"mixer": ["attention", "gla"]},
+                       "cases": [{"seq_len": 16, "batch_size": 8}, {"seq_len": 64, "batch_size": 2}]})
+    runs = expand(spec)
+    assert [(r.params["mixer"], r.params["seq_len"], r.params["batch_size"]) for r in runs] == [
+        ("attention", 16, 8), ("attention", 64, 2), ("gla", 16, 8), ("gla", 64, 2)]
+    assert runs[1].point == {"mixer": "attention", "seq_len": 64, "batch_size": 2}
+    assert len({r.run_id for r in runs}) == 4
+    hybrid = parse_spec({"experiment": "e", "fixed": {"preset": "18M", "steps": 3, "warmup_steps": 1},
+                         "grid": {"seed": [0]}, "cases": [{"mixer": "attention"}, {"mixer": "mamba", "attention_every": 3}]})
+    attention, mamba = expand(hybrid)
+    assert (attention.params["d_model"], attention.params["n_layers"], mamba.params["d_model"]) == (256, 6, 256)
+    assert mamba.params["attention_every"] == 3 and attention.params["attention_every"] is None
+    assert attention.params["mlp_ratio"] != mamba.params["mlp_ratio"]  # each solved to attention's count
+    argv = _DirectRunner().command("e", mamba, Path("."))[0]
+    assert argv[argv.index("--preset") + 1] == "18M" and argv[argv.index("--attention-every") + 1] == "3"
 
 
 def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path, monkeypatch, capsys):
@@ -114,6 +133,11 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
     ({"fixed": {**TINY, "mixer_options": {"chunk_sise": 8}}, "grid": {"mixer": ["gla"]}},
      "mixer_options['chunk_sise']'=8: unknown option for mixer 'gla'"),
     ({"experiment": "my sweep"}, "experiment"),
+    ({"cases": [{}]}, "cases"),
+    ({"cases": [{"seed": 3}]}, "cases[0].seed"),  # also in grid
+    ({"cases": [{"lr": 1.0e-3}, {"mlp_ratio": -1.0}]}, "mlp_ratio.*must be positive"),
+    ({"cases": [{"lr": "8"}]}, "cases[0].lr"),
+    ({"fixed": {**TINY, "preset": "18m"}}, "'18m': unknown preset"),
 ])
 def test_a_bad_spec_fails_before_any_run_naming_the_key(tmp_path, change, key):
     spec = _spec(tmp_path, **change)

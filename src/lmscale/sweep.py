@@ -6,6 +6,9 @@ A YAML spec names the experiment, the runner, fixed parameters and a grid::
     runner: direct          # or papermill (through notebooks/train.py)
     fixed: {d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32, max_seq_len: 32, steps: 20}
     grid: {mixer: [attention, gla], seed: [0, 1]}
+    cases:                  # optional: settings that go together; every grid point runs each case
+      - {seq_len: 256, batch_size: 128}
+      - {seq_len: 4096, batch_size: 8}
 
 Every run executes in its own process (``python -m lmscale train`` or papermill on the template), so
 one run's crash, memory or thread settings cannot touch another, and writes
@@ -43,7 +46,7 @@ from lmscale.config import ConfigError, ModelConfig, TrainConfig
 from lmscale.paths import repo_root, results_dir
 from lmscale.results import _check_name, make_record, read_records, write_record
 
-SPEC_KEYS = ("experiment", "runner", "fixed", "grid")
+SPEC_KEYS = ("experiment", "runner", "fixed", "grid", "cases")
 RUNNERS = ("direct", "papermill")
 # The parameters that name a run, in the order of notebooks/train.py's run id.
 ID_FIELDS = ("mixer", "d_model", "n_layers", "n_heads", "seq_len", "steps", "seed")
@@ -52,12 +55,14 @@ STDERR_TAIL_CHARS = 6000
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A parsed spec: ``grid`` maps each axis to its non-empty list of values."""
+    """A parsed spec: ``grid`` maps each axis to its non-empty list of values; ``cases`` lists groups of
+    values that vary together (e.g. sequence length with batch size, at equal tokens per step)."""
 
     experiment: str
     runner: str
     fixed: dict[str, Any]
     grid: dict[str, list[Any]]
+    cases: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,16 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
                                                      "(an empty axis would make no runs)")
         if key in fixed:
             raise ConfigError(f"grid.{key}", values, "is also in fixed; give each parameter in one place")
-    return SweepSpec(experiment=experiment, runner=runner, fixed=dict(fixed), grid=dict(grid))
+    cases = data.get("cases") or []
+    if not isinstance(cases, list) or not all(isinstance(case, dict) and case for case in cases):
+        raise ConfigError("cases", cases, "must be a list of non-empty mappings, e.g. [{seq_len: 256, batch_size: "
+                                          "128}, {seq_len: 4096, batch_size: 8}]")
+    for i, case in enumerate(cases):
+        for key in case:
+            if key in fixed or key in grid:
+                raise ConfigError(f"cases[{i}].{key}", case[key], f"is also in {'fixed' if key in fixed else 'grid'}; "
+                                                                  "give each parameter in one place")
+    return SweepSpec(experiment=experiment, runner=runner, fixed=dict(fixed), grid=dict(grid), cases=tuple(cases))
 
 
 def run_id_for(params: Mapping[str, Any], grid_keys: list[str] | tuple[str, ...]) -> str:
@@ -333,7 +347,9 @@ def _parameters_cell(notebook: dict[str, Any], where: Path) -> dict[str, Any]:
 
 
 def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[Run]:
-    for section, values in (("fixed", spec.fixed), ("grid", spec.grid)):
+    sections = [("fixed", spec.fixed), ("grid", spec.grid),
+                *((f"cases[{i}]", case) for i, case in enumerate(spec.cases))]
+    for section, values in sections:
         for key, value in values.items():
             if key not in runner.defaults:
                 hint = " (set it at the top level of the spec)" if key == "experiment" else ""
@@ -341,11 +357,11 @@ def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[R
                                                             f"valid: {', '.join(sorted(runner.defaults))}")
             for item in value if section == "grid" else [value]:
                 _check_type(f"{section}.{key}", item, runner.defaults[key])
-    axes = list(spec.grid)
+    axes = list(dict.fromkeys([*spec.grid, *(key for case in spec.cases for key in case)]))
     given = tuple(dict.fromkeys([*spec.fixed, *axes]))
     runs, seen = [], {}
-    for values in itertools.product(*(spec.grid[a] for a in axes)):
-        point = dict(zip(axes, values))
+    for values, case in itertools.product(itertools.product(*spec.grid.values()), spec.cases or [{}]):
+        point = {**dict(zip(spec.grid, values)), **case}
         params = {**runner.defaults, **spec.fixed, **point}
         if isinstance(runner, _DirectRunner):
             params = runner.resolve(params, given)
