@@ -69,6 +69,13 @@ def test_cases_vary_settings_together_and_presets_give_the_shape():
     assert mamba.params["attention_every"] == 3 and attention.params["attention_every"] is None
     assert attention.params["mlp_ratio"] != mamba.params["mlp_ratio"]  # each solved to attention's count
     argv = _DirectRunner().command("e", mamba, Path("."))[0]
+    grouped = parse_spec({"experiment": "e", "fixed": {**fixed, "max_seq_len": 64}, "grid": {"seed": [0, 1]},
+                          "cases": {"model": [{"mixer": "attention"}, {"mixer": "leap", "mixer_options": {"window": "global"}}],
+                                    "context": [{"seq_len": 16, "batch_size": 8}, {"seq_len": 64, "batch_size": 2}]}})
+    runs = expand(grouped)
+    assert len(runs) == 8 and len({r.run_id for r in runs}) == 8
+    assert [(r.params["mixer"], r.params["mixer_options"], r.params["seq_len"]) for r in runs[:4]] == [
+        ("attention", {}, 16), ("attention", {}, 64), ("leap", {"window": "global"}, 16), ("leap", {"window": "global"}, 64)]
     assert argv[argv.index("--preset") + 1] == "18M" and argv[argv.index("--attention-every") + 1] == "3"
 
 
@@ -134,9 +141,11 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
      "mixer_options['chunk_sise']'=8: unknown option for mixer 'gla'"),
     ({"experiment": "my sweep"}, "experiment"),
     ({"cases": [{}]}, "cases"),
-    ({"cases": [{"seed": 3}]}, "cases[0].seed"),  # also in grid
+    ({"cases": [{"seed": 3}]}, "cases.seed"),  # also in grid
     ({"cases": [{"lr": 1.0e-3}, {"mlp_ratio": -1.0}]}, "mlp_ratio.*must be positive"),
-    ({"cases": [{"lr": "8"}]}, "cases[0].lr"),
+    ({"cases": [{"lr": "8"}]}, "cases.cases[0].lr"),
+    ({"cases": {"a": [{"lr": 1.0e-3}], "b": [{"lr": 2.0e-3}]}}, "cases.b.lr.*also in cases.a"),
+    ({"cases": {"model": []}}, "cases.model"),
     ({"fixed": {**TINY, "preset": "18m"}}, "'18m': unknown preset"),
 ])
 def test_a_bad_spec_fails_before_any_run_naming_the_key(tmp_path, change, key):

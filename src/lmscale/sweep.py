@@ -10,6 +10,9 @@ A YAML spec names the experiment, the runner, fixed parameters and a grid::
       - {seq_len: 256, batch_size: 128}
       - {seq_len: 4096, batch_size: 8}
 
+``cases`` may also map names to such lists (``cases: {model: [...], context: [...]}``): every
+combination of one case from each list is run, crossed with the grid.
+
 Every run executes in its own process (``python -m lmscale train`` or papermill on the template), so
 one run's crash, memory or thread settings cannot touch another, and writes
 ``<results>/<experiment>/<run_id>.jsonl``. The run id is a pure function of the parameters, so running
@@ -55,14 +58,15 @@ STDERR_TAIL_CHARS = 6000
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A parsed spec: ``grid`` maps each axis to its non-empty list of values; ``cases`` lists groups of
-    values that vary together (e.g. sequence length with batch size, at equal tokens per step)."""
+    """A parsed spec: ``grid`` maps each axis to its non-empty list of values; ``cases`` maps each group
+    name to its list of cases, settings that vary together (e.g. sequence length with batch size, at
+    equal tokens per step); a run takes one case from every group."""
 
     experiment: str
     runner: str
     fixed: dict[str, Any]
     grid: dict[str, list[Any]]
-    cases: tuple[dict[str, Any], ...] = ()
+    cases: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,16 +135,24 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
                                                      "(an empty axis would make no runs)")
         if key in fixed:
             raise ConfigError(f"grid.{key}", values, "is also in fixed; give each parameter in one place")
-    cases = data.get("cases") or []
-    if not isinstance(cases, list) or not all(isinstance(case, dict) and case for case in cases):
-        raise ConfigError("cases", cases, "must be a list of non-empty mappings, e.g. [{seq_len: 256, batch_size: "
-                                          "128}, {seq_len: 4096, batch_size: 8}]")
-    for i, case in enumerate(cases):
-        for key in case:
-            if key in fixed or key in grid:
-                raise ConfigError(f"cases[{i}].{key}", case[key], f"is also in {'fixed' if key in fixed else 'grid'}; "
-                                                                  "give each parameter in one place")
-    return SweepSpec(experiment=experiment, runner=runner, fixed=dict(fixed), grid=dict(grid), cases=tuple(cases))
+    cases = data.get("cases") or {}
+    groups = {"cases": cases} if isinstance(cases, list) else cases
+    if not isinstance(groups, dict):
+        raise ConfigError("cases", cases, "must be a list of cases, or a mapping of names to such lists")
+    owner: dict[str, str] = {key: "fixed" for key in fixed} | {key: "grid" for key in grid}
+    for name, group in groups.items():
+        where = "cases" if groups is not cases else f"cases.{name}"
+        if not isinstance(group, list) or not group or not all(isinstance(case, dict) and case for case in group):
+            raise ConfigError(where, group, "must be a non-empty list of non-empty mappings, e.g. [{seq_len: 256, "
+                                            "batch_size: 128}, {seq_len: 4096, batch_size: 8}]")
+        keys = dict.fromkeys(key for case in group for key in case)
+        for key in keys:
+            if key in owner:
+                raise ConfigError(f"{where}.{key}", [case.get(key) for case in group],
+                                  f"is also in {owner[key]}; give each parameter in one place")
+            owner[key] = where
+    return SweepSpec(experiment=experiment, runner=runner, fixed=dict(fixed), grid=dict(grid),
+                     cases={name: list(group) for name, group in groups.items()})
 
 
 def run_id_for(params: Mapping[str, Any], grid_keys: list[str] | tuple[str, ...]) -> str:
@@ -348,7 +360,7 @@ def _parameters_cell(notebook: dict[str, Any], where: Path) -> dict[str, Any]:
 
 def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[Run]:
     sections = [("fixed", spec.fixed), ("grid", spec.grid),
-                *((f"cases[{i}]", case) for i, case in enumerate(spec.cases))]
+                *((f"cases.{name}[{i}]", case) for name, group in spec.cases.items() for i, case in enumerate(group))]
     for section, values in sections:
         for key, value in values.items():
             if key not in runner.defaults:
@@ -357,11 +369,12 @@ def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[R
                                                             f"valid: {', '.join(sorted(runner.defaults))}")
             for item in value if section == "grid" else [value]:
                 _check_type(f"{section}.{key}", item, runner.defaults[key])
-    axes = list(dict.fromkeys([*spec.grid, *(key for case in spec.cases for key in case)]))
+    axes = list(dict.fromkeys([*spec.grid, *(key for group in spec.cases.values() for case in group for key in case)]))
     given = tuple(dict.fromkeys([*spec.fixed, *axes]))
     runs, seen = [], {}
-    for values, case in itertools.product(itertools.product(*spec.grid.values()), spec.cases or [{}]):
-        point = {**dict(zip(spec.grid, values)), **case}
+    for values, cases in itertools.product(itertools.product(*spec.grid.values()),
+                                           itertools.product(*spec.cases.values())):
+        point = {**dict(zip(spec.grid, values)), **{k: v for case in cases for k, v in case.items()}}
         params = {**runner.defaults, **spec.fixed, **point}
         if isinstance(runner, _DirectRunner):
             params = runner.resolve(params, given)
