@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmscale.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPETITION_DECAY, fit_power_law
+from lmscale.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPETITION_DECAY, fit_power_law, format_count
 
 LOSSES = ("val_loss", "test_loss", "test_ood_loss")  # sampled validation during training; whole test splits
 
@@ -106,8 +106,8 @@ def fit_ladders(table, loss: str = "test_loss", *, n_boot: int = 1000, level: fl
     for model, group in table.dropna(subset=[loss]).groupby("model"):
         points = group.groupby("params_non_embedding", as_index=False)[loss].mean()
         row: dict[str, Any] = {"model": model, "sizes": len(points),
-                               "N range": f"{points['params_non_embedding'].min():.3g}–"
-                                          f"{points['params_non_embedding'].max():.3g}"}
+                               "N range": f"{format_count(points['params_non_embedding'].min())}–"
+                                          f"{format_count(points['params_non_embedding'].max())}"}
         try:
             fit = fit_power_law(points["params_non_embedding"], points[loss], n_boot=n_boot, level=level)
         except ValueError as e:

@@ -52,13 +52,14 @@ def provenance_caption(records) -> str:
 
 def table(frame, name: str, formats: dict[str, Any] | None = None, code: tuple[str, ...] = ()):
     """A compact HTML table for the book: no index, a fixed id (``name``) so that outputs are
-    reproducible under nbval, long identifiers (hashes) in monospace and allowed to wrap."""
+    reproducible under nbval, long identifiers (hashes) in monospace and allowed to wrap; a missing value
+    shows as "—"."""
     formats = dict(formats or {})
     for column in code:
         formats[column] = lambda value: f"<code>{value}</code>"
     return (
         frame.style.hide(axis="index")
-        .format(formats)
+        .format(formats, na_rep="—")
         .set_uuid(name)
         .set_table_styles(
             [
