@@ -31,6 +31,23 @@ def model_label(model: dict[str, Any]) -> str:
     return model["mixer"]
 
 
+def model_fields(row) -> dict[str, Any]:
+    """A run's model config from its ``load_records`` row: the ``config.model.*`` columns, nested
+    ``mixer_options.*`` gathered back into a dict, and fields the run lacks (NaN in a frame) left out."""
+    import pandas as pd
+
+    model: dict[str, Any] = {"mixer_options": {}}
+    for key, value in row.items():
+        if not key.startswith("config.model.") or not (isinstance(value, (list, dict)) or not pd.isna(value)):
+            continue
+        name = key.removeprefix("config.model.")
+        if name.startswith("mixer_options."):
+            model["mixer_options"][name.removeprefix("mixer_options.")] = value
+        elif not (name == "mixer_options" and not value):
+            model[name] = value
+    return model
+
+
 def regime(tokens: float, params: float, unique_tokens: float) -> str:
     """Where a run sits: under Chinchilla's 20 tokens per parameter or over it, and how often it repeats
     the data against Muennighoff et al.'s horizons (≈ 4 epochs nearly free, ≈ R* + 1 = 16.4 worthless)."""
@@ -56,8 +73,7 @@ def ladder_table(records, unique_tokens: float):
     ok = records[records["status"] == "ok"]
     rows = []
     for _, r in ok.iterrows():
-        model = {k.removeprefix("config.model."): v for k, v in r.items()  # a frame holds a missing field as NaN
-                 if k.startswith("config.model.") and (isinstance(v, (list, dict)) or not pd.isna(v))}
+        model = model_fields(r)
         final = r.get("metrics.final_eval")
         final = final if isinstance(final, dict) else {}
         tokens, params = float(r["metrics.tokens"]), float(r["metrics.params"])
