@@ -142,6 +142,17 @@ def _cmd_mixers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recall(args: argparse.Namespace) -> int:
+    from lmscale.recall import RecallConfig, recall_and_record
+
+    fields = _picked(args, RecallConfig, {"mixer_options"})
+    cfg = RecallConfig(**fields, mixer_options=_parse_options(args.mixer_option))
+    path, metrics = recall_and_record(cfg, experiment=args.experiment, run_id=args.run_id)
+    print(f"accuracy {metrics['accuracy']:.4f} ({metrics['correct']}/{metrics['asked']}), state "
+          f"{metrics['state_bytes']:,} bytes; record: {path}")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Exit status 1 when any run failed, so scripts notice; its error record says why."""
     from lmscale.sweep import format_summary, load_spec, run_sweep
@@ -186,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default=None,
                        help="the record's name (default: date and a random suffix); sweeps derive it from the parameters")
     train.set_defaults(func=_cmd_train)
+
+    recall = sub.add_parser("recall", help="train a small model on multi-query associative recall (MQAR) and "
+                                           "record its test accuracy and state size")
+    recall.add_argument("--experiment", default="recall", help="records go to data/results/<experiment>/")
+    recall.add_argument("--mixer-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a mixer option, VALUE in JSON (repeatable)")
+    recall.add_argument("--run-id", default=None, help="the record's name (default: date and a random suffix)")
+    from lmscale.recall import RecallConfig
+
+    _add_dataclass_args(recall, RecallConfig, {"mixer_options"})
+    recall.set_defaults(func=_cmd_recall)
 
     sweep = sub.add_parser("sweep", help="train every point of a YAML spec's grid, each in its own process; "
                                          "runs with an ok record are skipped, failed ones retried")

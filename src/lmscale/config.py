@@ -18,6 +18,7 @@ class ConfigError(ValueError):
         super().__init__(f"config field '{field_name}'={value!r}: {why}")
 
 
+IGNORE_INDEX = -100  # a target equal to this adds nothing to the loss (as in F.cross_entropy)
 HYBRID_ATTENTION = "attention"  # the mixer that ``attention_every`` interleaves
 
 

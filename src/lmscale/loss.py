@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmscale.config import LOSS_IMPLS
+from lmscale.config import IGNORE_INDEX, LOSS_IMPLS
 
-IGNORE_INDEX = -100  # a target equal to this adds nothing to the loss (as in F.cross_entropy)
 PAD_CLASSES_TO = 64  # 50,257 -> 50,304 classes: every matmul's class dimension 128-byte aligned in bf16
 MASKED_LOGIT = -1e4  # a padded class's logit: exp(-1e4 - max) is 0 in float32, and no inf enters any sum
 CHUNK_LOGIT_BYTES = 256 * 2**20  # float32 logits of one chunk: 1,335 tokens at GPT-2's vocabulary

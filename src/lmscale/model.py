@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmscale.config import ModelConfig
-from lmscale.loss import linear_cross_entropy
+from lmscale.loss import IGNORE_INDEX, linear_cross_entropy
 from lmscale.mixers import build_mixer
 
 # projections that write into the residual stream; their init is scaled by 1/√(2·n_layers) (GPT-2)
@@ -73,6 +73,11 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied: one [V, D] matrix reads tokens in and out
         self.checkpoint_blocks = False  # activation checkpointing, set by the trainer (TrainConfig)
+        # a layer that reads its first M tokens non-causally (JRT-RNN's encoder) lets outputs before
+        # M - 1 see their own next tokens, so those targets carry no loss
+        self.unscored_prefix = max([block.mixer.prefix_len - 1 for block in self.blocks
+                                    if getattr(block.mixer, "noncausal_prefix", False) and block.mixer.prefix_len]
+                                   or [0])
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -112,6 +117,9 @@ class LanguageModel(nn.Module):
                 x, layer_state = block(x, layer_state, return_state)
             new_states.append(layer_state)
         if targets is not None:
+            if self.unscored_prefix and state is None:
+                targets = targets.clone()
+                targets[..., : self.unscored_prefix] = IGNORE_INDEX
             out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,
                                        impl=loss_impl)
         else:

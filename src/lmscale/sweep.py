@@ -50,7 +50,7 @@ from lmscale.paths import repo_root, results_dir
 from lmscale.results import _check_name, make_record, read_records, write_record
 
 SPEC_KEYS = ("experiment", "runner", "fixed", "grid", "cases")
-RUNNERS = ("direct", "papermill")
+RUNNERS = ("direct", "papermill", "recall")
 # The parameters that name a run, in the order of notebooks/train.py's run id.
 ID_FIELDS = ("mixer", "d_model", "n_layers", "n_heads", "seq_len", "steps", "seed")
 STDERR_TAIL_CHARS = 6000
@@ -334,8 +334,41 @@ class _PapermillRunner:
         return argv, self.notebook, self.template.parent
 
 
-def _make_runner(name: str) -> _DirectRunner | _PapermillRunner:
-    return _DirectRunner() if name == "direct" else _PapermillRunner()
+class _RecallRunner:
+    """``python -m lmscale recall``: the parameters are RecallConfig fields (``lmscale.recall``)."""
+
+    name = "recall"
+
+    def __init__(self) -> None:
+        from lmscale.recall import RecallConfig
+
+        self.config = RecallConfig
+        self.defaults = {f.name: _field_default(f) for f in dataclasses.fields(RecallConfig)}
+
+    def check(self, run: Run) -> None:
+        """Build the config and the model on the meta device, as the child will."""
+        from lmscale.recall import state_bytes
+
+        try:
+            cfg = self.config(**run.params)
+            state_bytes(cfg.model_config, cfg.prompt_len)
+        except ConfigError as e:
+            why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
+            raise ConfigError(e.field, e.value, f"{why} (run {run.run_id})") from e
+
+    def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
+        argv = [sys.executable, "-m", "lmscale", "recall", "--experiment", experiment, "--run-id", run.run_id]
+        for key in run.given:
+            value = run.params[key]
+            if key == "mixer_options":
+                argv += [arg for name, option in value.items() for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
+            elif value is not None:
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+        return argv, None, repo_root()
+
+
+def _make_runner(name: str) -> _DirectRunner | _PapermillRunner | _RecallRunner:
+    return {"direct": _DirectRunner, "papermill": _PapermillRunner, "recall": _RecallRunner}[name]()
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -358,7 +391,7 @@ def _parameters_cell(notebook: dict[str, Any], where: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- expansion
 
 
-def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner) -> list[Run]:
+def _expand(spec: SweepSpec, runner: _DirectRunner | _PapermillRunner | _RecallRunner) -> list[Run]:
     sections = [("fixed", spec.fixed), ("grid", spec.grid),
                 *((f"cases.{name}[{i}]", case) for name, group in spec.cases.items() for i, case in enumerate(group))]
     for section, values in sections:
@@ -445,7 +478,7 @@ def _child_env(root: Path, jobs: int) -> dict[str, str]:
     return env
 
 
-def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner, env: dict[str, str],
+def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner | _RecallRunner, env: dict[str, str],
              root: Path, workdir: Path) -> RunOutcome:
     """Run one child process; whatever goes wrong becomes an error record, never an exception."""
     path = root / experiment / f"{run.run_id}.jsonl"

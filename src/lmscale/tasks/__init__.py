@@ -1,0 +1,1 @@
+"""Synthetic tasks that isolate one ability of a sequence mixer (recall: ``mqar``)."""
