@@ -201,3 +201,50 @@ def recall_and_record(cfg: RecallConfig, experiment: str = EXPERIMENT, run_id: s
                          config={"model": cfg.model_config.to_dict(), "train": fields,
                                  "task": dataclasses.asdict(cfg.task)})
     return write_record(record, results_root), metrics
+
+
+def variant(train: dict[str, Any]) -> str:
+    """A run's model as the chapter names it: the mixer, with JRT-Prompt and the prefix encoder marked."""
+    marks = [m for m, on in (("JRT-Prompt", train.get("prompt") == "jrt"), ("prefix encoder", train.get("prefix")))
+             if on]
+    return train["mixer"] + (f" + {' + '.join(marks)}" if marks else "")
+
+
+def recall_table(records):
+    """One row per finished recall run of ``records`` (``lmscale.results.load_records``)."""
+    import pandas as pd
+
+    rows = []
+    for _, r in records[(records["status"] == "ok") & (records["kind"] == "recall")].iterrows():
+        train = {k.removeprefix("config.train."): v for k, v in r.items() if k.startswith("config.train.")}
+        rows.append({"model": variant(train), "mixer": train["mixer"], "d_model": int(train["d_model"]),
+                     "task": f"T={int(train['seq_len'])}, {int(train['num_pairs'])} pairs",
+                     "seq_len": int(train["seq_len"]), "num_pairs": int(train["num_pairs"]), "lr": float(train["lr"]),
+                     "accuracy": float(r["metrics.accuracy"]), "state_bytes": int(r["metrics.state_bytes"]),
+                     "run_id": r["run_id"]})
+    columns = ["model", "mixer", "d_model", "task", "seq_len", "num_pairs", "lr", "accuracy", "state_bytes", "run_id"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def best_per_point(table):
+    """Per (model, width, task): the learning rate with the highest accuracy (Zoology keeps the best)."""
+    if table.empty:
+        return table
+    best = table.loc[table.groupby(["model", "d_model", "task"])["accuracy"].idxmax()]
+    return best.sort_values(["task", "model", "d_model"]).reset_index(drop=True)
+
+
+def pareto_front(table):
+    """Per task, the points no other point beats on both counts: less state and at least the accuracy."""
+    fronts = []
+    for _, g in table.sort_values(["state_bytes", "accuracy"], ascending=[True, False]).groupby("task", sort=False):
+        best = -1.0
+        keep = []
+        for i, row in g.iterrows():
+            if row["accuracy"] > best:
+                keep.append(i)
+                best = row["accuracy"]
+        fronts.append(g.loc[keep])
+    import pandas as pd
+
+    return pd.concat(fronts) if fronts else table.iloc[0:0]

@@ -103,6 +103,8 @@ def train_test(task: MQAR, n_train: int, n_test: int, seed: int) -> tuple[tuple[
 def lookup(inputs: torch.Tensor, task: MQAR) -> torch.Tensor:
     """The answers a perfect memory gives: at each query key (a key after the context), its value
     from the context; ``IGNORE_INDEX`` elsewhere. It solves the task by construction."""
+    import torch
+
     p = task.num_pairs
     answers = torch.full_like(inputs, IGNORE_INDEX)
     for i, row in enumerate(inputs.tolist()):
