@@ -41,6 +41,8 @@
 experiment = "kernels"
 
 # %%
+import re
+
 import altair as alt
 import pandas as pd
 import torch
@@ -119,8 +121,7 @@ Markdown(
 # matrix-multiply rate and the second by its memory bandwidth gives two times; the larger is a floor
 # no implementation beats by much, and which one it is says whether the op is compute- or
 # memory-bound. The two rates are measured by the suite itself (op `ceiling`: an 8192³ bf16 matmul
-# and a 2 GiB device-to-device copy, read plus write); until GPU records exist, the table uses this
-# project's reference measurements on an H100 80GB HBM3 (743 TFLOP/s, 3.02 TB/s; `GPU.md`).
+# and a 2 GiB device-to-device copy, read plus write); without them the table gives the counts alone.
 #
 # The counts (`recurrence_counts`, `delta_counts`, `attention_counts` in `lmscale.bench.kernels`): matmul
 # FLOPs of the chunked form, causal pairs only, and each tensor read or written once (the delta rule
@@ -131,8 +132,8 @@ Markdown(
 # %%
 ceilings = ok[ok["op"] == "ceiling"].set_index("mode") if have else pd.DataFrame()
 measured_ceilings = {"matmul", "copy"} <= set(ceilings.index)
-peak_tflops = ceilings.loc["matmul", "tflops"] if measured_ceilings else 743.0
-peak_gbps = ceilings.loc["copy", "gbps"] if measured_ceilings else 3020.0
+peak_tflops = ceilings.loc["matmul", "tflops"] if measured_ceilings else None
+peak_gbps = ceilings.loc["copy", "gbps"] if measured_ceilings else None
 rows = []
 for T in FULL.seq_lens:
     B = FULL.tokens // T
@@ -144,14 +145,17 @@ for T in FULL.seq_lens:
                 flops, nbytes = delta_counts(B, T, FULL.heads, FULL.head_dim, mode, 2)
             else:
                 flops, nbytes = recurrence_counts(B, T, FULL.heads, FULL.head_dim, GATES[op], mode, 2)
-            compute_ms, memory_ms = flops / peak_tflops / 1e9, nbytes / peak_gbps / 1e6
-            rows.append({"op": op, "mode": mode, "T": T, "GFLOP": flops / 1e9, "MB moved": nbytes / 1e6,
-                         "compute ms": compute_ms, "memory ms": memory_ms, "floor ms": max(compute_ms, memory_ms),
-                         "bound by": "compute" if compute_ms > memory_ms else "memory"})
+            row = {"op": op, "mode": mode, "T": T, "GFLOP": flops / 1e9, "MB moved": nbytes / 1e6}
+            if measured_ceilings:
+                compute_ms, memory_ms = flops / peak_tflops / 1e9, nbytes / peak_gbps / 1e6
+                row.update({"compute ms": compute_ms, "memory ms": memory_ms, "floor ms": max(compute_ms, memory_ms),
+                            "bound by": "compute" if compute_ms > memory_ms else "memory"})
+            rows.append(row)
 floors = pd.DataFrame(rows)
-source = (f"measured on {label}" if measured_ceilings else "the reference H100 measurements of GPU.md")
-display(Markdown(f"Ceilings: {peak_tflops:.0f} TFLOP/s (bf16 matmul) and {peak_gbps / 1e3:.2f} TB/s (copy), "
-                 f"{source}. Batch of 32K tokens, H = {FULL.heads}, D = {FULL.head_dim}, bf16."))
+display(Markdown(f"Ceilings: {peak_tflops:.0f} TFLOP/s (bf16 matmul) and {peak_gbps / 1e3:.2f} TB/s (copy), measured "
+                 f"on {label}. Batch of 32K tokens, H = {FULL.heads}, D = {FULL.head_dim}, bf16." if measured_ceilings
+                 else "*Ceilings not measured (no `ceiling` records on a GPU), so the table gives the counts "
+                      "alone; the times appear with the first GPU run of `lmscale bench kernels`.*"))
 plots.table(floors, "floors", formats={"GFLOP": "{:,.1f}", "MB moved": "{:,.0f}", "compute ms": "{:.3f}",
                                        "memory ms": "{:.3f}", "floor ms": "{:.3f}"})
 
@@ -161,9 +165,9 @@ plots.table(floors, "floors", formats={"GFLOP": "{:,.1f}", "MB moved": "{:,.0f}"
 # $T$. What bounds each:
 
 # %%
-bounds = floors.groupby(["op", "mode"])["bound by"].agg(lambda b: "/".join(sorted(set(b))))
-longest = floors[floors["T"] == max(FULL.seq_lens)].set_index(["op", "mode"])["floor ms"]
-Markdown("\n".join(
+bounds = floors.groupby(["op", "mode"])["bound by"].agg(lambda b: "/".join(sorted(set(b)))) if measured_ceilings else None
+longest = floors[floors["T"] == max(FULL.seq_lens)].set_index(["op", "mode"])["floor ms"] if measured_ceilings else None
+Markdown("*Not measured.*" if not measured_ceilings else "\n".join(
     f"- **{op}**: {bounds[op, 'fwd']}-bound forward, {bounds[op, 'fwdbwd']}-bound forward+backward; floor "
     f"{longest[op, 'fwd']:.2f} / {longest[op, 'fwdbwd']:.2f} ms at T = {max(FULL.seq_lens) // 1024}K"
     for op in [*GATES, "delta_rule", "attention"])
@@ -172,7 +176,7 @@ Markdown("\n".join(
 )
 
 # %%
-if have:
+if have and measured_ceilings:
     timed = ok[ok["op"].isin([*GATES, "delta_rule", "gated_delta_rule"])].copy()
     timed["counted op"] = timed["op"].replace({"gated_delta_rule": "delta_rule"}).where(timed["impl"] != "sdpa",
                                                                                          "attention")
@@ -334,7 +338,7 @@ if have:
 # measured copy bandwidth.
 
 # %%
-if have:
+if have and measured_ceilings:
     model = ok[ok["op"] == "model_step"].copy()
     if len(model):
         model["launch"] = model["graphed"].map({True: "one CUDA graph", False: "eager"})
@@ -673,6 +677,16 @@ step_rows.append(target("every mixer's 350M step in ≤ 40 GB, blocks recomputed
                         len(fits | fits_recomputed) == len(available()) if len(at_350) else None))
 display(plots.table(pd.DataFrame(step_rows), "step_targets"))
 
+
+def one_line(error: str, limit: int = 110) -> str:
+    """A failure's reason in one line, cut at ``limit`` characters (the record keeps it whole)."""
+    first = " ".join(str(error).split())
+    if "CUDA out of memory" in first:
+        size = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", first)
+        first = "CUDA out of memory" + (f" (a {size.group(1)} allocation)" if size else "")
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
 # %% [markdown]
 # ## Correctness of every timed number
 #
@@ -688,9 +702,10 @@ if have:
     display(caption("Largest relative error against the reference"))
     display(plots.table(errors.reset_index(), "errors",
                         formats={c: "{:.1e}" for c in errors.columns}))
-    failed = [{"op": r["config"]["op"], "impl": r["config"]["impl"], "mode": r["config"]["mode"],
-               "B": r["config"].get("B"), "T or L": r["config"].get("context") or r["config"].get("T"),
-               "graphed": r["config"].get("graphed"), "status": r["status"], "why": r.get("error", "")}
+    failed = [{"op": r["config"]["op"], "mixer": r["config"].get("mixer"), "impl": r["config"]["impl"],
+               "mode": r["config"]["mode"], "B": r["config"].get("B"),
+               "T or L": r["config"].get("context") or r["config"].get("T"), "graphed": r["config"].get("graphed"),
+               "status": r["status"], "why": one_line(r.get("error", ""))}
               for r in iter_records(experiment) if r["run_id"] in set(runs["run_id"]) and r["status"] != "ok"]
     display(plots.table(pd.DataFrame(failed), "not_timed") if failed else Markdown("Every measurement was timed."))
 
