@@ -48,3 +48,28 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
+
+
+def test_a_bug_keeps_its_traceback_and_debug_raises_user_errors(monkeypatch, capsys):
+    """Bad input is one line (status 2); an error from inside a library is a bug: traceback, status 1."""
+    import numpy as np
+
+    import lmscale.cli as cli
+
+    def broken(args):
+        return np.zeros(3).reshape(2, 2)  # numpy's ValueError: not a message lmscale wrote for the user
+
+    monkeypatch.setattr(cli, "_cmd_data_show", broken)
+    assert main(["data", "show"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "cannot reshape array" in err and "internal error (ValueError)" in err
+    assert main(["train", "--mixer-option", "form"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        main(["--debug", "train", "--mixer-option", "form"])
+
+
+def test_a_missing_file_is_bad_input(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nowhere.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmscale: error:") and "nowhere.yaml" in err and "Traceback" not in err

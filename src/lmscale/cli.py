@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--git-commit", default=None, metavar="SHA",
                         help="the commit this code is, for records made where the tree has no .git (the GPU "
                              "machine); sets LMSCALE_GIT_COMMIT for this process and its children")
+    parser.add_argument("--debug", action="store_true",
+                        help="let every error raise with its full traceback, user errors included")
     parser.add_argument("--git-dirty", type=_switch, default=False, metavar="true|false",
                         help="with --git-commit: whether the tree differs from that commit (default false)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -392,9 +395,42 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
         require_commit(device)  # before any GPU work: a GPU number that cannot name its code is not kept
         return args.func(args)
-    except (ConfigError, ValueError, RuntimeError, OSError) as e:
-        print(f"lmscale: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        if is_user_error(e):
+            print(f"lmscale: error: {e}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"lmscale: internal error ({type(e).__name__}), a bug rather than bad input: the traceback above "
+              "says where; please report it with the command line", file=sys.stderr)
+        return 1
+
+
+# lmscale's own errors about what the user asked; looked up only in modules already imported, so the
+# command line never imports torch to classify an error
+_USER_ERRORS = {"lmscale.config": ("ConfigError",), "lmscale.results": ("RecordError",),
+                "lmscale.data.sources": ("DataSourceError",),
+                "lmscale.train": ("CheckpointError", "TrainingDivergedError", "TrainingInterrupted")}
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Bad input, not a bug: one of lmscale's error types, a missing or unreadable file, or a ValueError,
+    RuntimeError or OSError raised by lmscale's own code (its message was written for the user). The
+    same types raised inside a library (torch, numpy) are bugs, and keep their traceback."""
+    types = [FileNotFoundError, PermissionError, IsADirectoryError]
+    for module, names in _USER_ERRORS.items():
+        if module in sys.modules:
+            types += [getattr(sys.modules[module], name) for name in names]
+    if isinstance(e, tuple(types)):
+        return True
+    if not isinstance(e, (ValueError, RuntimeError, OSError)):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parent
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
 if __name__ == "__main__":
