@@ -54,7 +54,7 @@ def test_a_bug_keeps_its_traceback_and_debug_raises_user_errors(monkeypatch, cap
     """Bad input is one line (status 2); an error from inside a library is a bug: traceback, status 1."""
     import numpy as np
 
-    import lmscale.cli as cli
+    from lmscale import cli
 
     def broken(args):
         return np.zeros(3).reshape(2, 2)  # numpy's ValueError: not a message lmscale wrote for the user
