@@ -154,8 +154,20 @@ def test_relative_errors_and_judge():
     ref = torch.randn(100, dtype=torch.float64)
     errors = relative_errors({"o": ref.float() * 1.01, "d": None}, {"o": ref, "d": ref, "skip": None})
     assert errors["o"] == pytest.approx(0.01, rel=1e-4) and math.isnan(errors["d"]) and "skip" not in errors
+    assert errors["o@max"] == pytest.approx(float(0.01 * ref.abs().max() / ref.square().mean().sqrt()), rel=1e-4)
     assert judge({"o": 0.01}, 2e-2) is None
     assert "o" in judge({"o": 0.03, "p": 0.0}, 2e-2) and "NaN" in judge({"o": math.nan}, 2e-2)
+
+
+def test_one_wrong_chunk_of_one_head_is_caught_although_the_norm_hides_it():
+    """B16·H16·T2K (D = 8 keeps it small): one 64-token chunk of one head zeroed is 1/8192 of the tensor."""
+    ref = torch.randn(16, 16, 2048, 8)
+    x = ref + 4e-3 * torch.randn_like(ref)  # honest bf16-like rounding everywhere
+    assert judge(relative_errors({"o": x}, {"o": ref}), 2e-2) is None
+    x[9, 7, 640:704] = 0.0
+    errors = relative_errors({"o": x}, {"o": ref})
+    assert errors["o"] < 2e-2  # the norm-wise check alone would time this kernel
+    assert "element-wise error" in judge(errors, 2e-2) and "in o exceeds" in judge(errors, 2e-2)
 
 
 def test_crossover_context_interpolates_on_log_axes():
