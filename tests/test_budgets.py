@@ -20,6 +20,7 @@ from lmscale.scaling import (
 )
 
 FITS = (HOFFMANN_2022, BESIROGLU_2024)
+RNG = random.Random(20261207)  # seeded: a failure names inputs that the next run draws again
 CITATIONS = {"hoffmann2022chinchilla", "besiroglu2024chinchilla", "muennighoff2023datalimited"}
 
 
@@ -28,7 +29,7 @@ def _by_rule(params, unique_tokens=None):
 
 
 def test_chinchilla_rule_is_twenty_tokens_per_parameter():
-    n = random.uniform(1e6, 1e10)
+    n = RNG.uniform(1e6, 1e10)
     budget = _by_rule(n)["chinchilla-20x"]
     assert budget.tokens == pytest.approx(20 * n)
     assert budget.compute == pytest.approx(6 * n * 20 * n)
@@ -37,7 +38,7 @@ def test_chinchilla_rule_is_twenty_tokens_per_parameter():
 
 @pytest.mark.parametrize("fit", FITS, ids=lambda f: f.citation)
 def test_fit_optimum_satisfies_its_first_order_condition(fit):
-    compute = 10 ** random.uniform(17, 24)
+    compute = 10 ** RNG.uniform(17, 24)
     n, d = fit.compute_optimal(compute)
     assert 6 * n * d == pytest.approx(compute)
     assert fit.alpha * fit.A / n**fit.alpha == pytest.approx(fit.beta * fit.B / d**fit.beta)
@@ -55,8 +56,8 @@ def test_epoch_refit_puts_chinchilla_near_twenty_tokens_per_parameter():
 
 
 def test_budgets_are_positive_and_grow_with_the_model():
-    sizes = sorted(10 ** random.uniform(5, 10) for _ in range(8))
-    unique = 10 ** random.uniform(6, 10)
+    sizes = sorted(10 ** RNG.uniform(5, 10) for _ in range(8))
+    unique = 10 ** RNG.uniform(6, 10)
     rows = [_by_rule(n, unique) for n in sizes]
     for rule in rows[0]:
         tokens = [row[rule].tokens for row in rows]
@@ -72,7 +73,7 @@ def test_budgets_are_positive_and_grow_with_the_model():
 
 
 def test_effective_tokens_are_the_tokens_for_one_epoch_and_saturate_with_many():
-    unique = random.uniform(1e6, 1e9)
+    unique = RNG.uniform(1e6, 1e9)
     assert effective_tokens(unique, unique) == pytest.approx(unique)
     assert effective_tokens(0.3 * unique, unique) == pytest.approx(0.3 * unique)
     assert effective_tokens(2 * unique, unique) == pytest.approx(2 * unique, rel=0.02)  # repeats almost fresh
@@ -83,7 +84,7 @@ def test_effective_tokens_are_the_tokens_for_one_epoch_and_saturate_with_many():
 
 
 def test_data_constrained_budget_reaches_twenty_n_effective_tokens():
-    n = random.uniform(1e6, 1e8)
+    n = RNG.uniform(1e6, 1e8)
     ample = _by_rule(n, unique_tokens=100 * n)["data-constrained"]
     assert ample.tokens == pytest.approx(20 * n)  # nothing needs repeating
     repeated = _by_rule(n, unique_tokens=4 * n)["data-constrained"]
