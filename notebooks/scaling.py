@@ -26,7 +26,7 @@ lr_experiment = "scaling-lr"  # its learning-rate grid (data/sweeps/scaling-lr.y
 cpu_experiment = "scaling-cpu"  # the live CPU ladder of the last section
 cpu_widths = [32, 48, 64, 96]
 cpu_mixers = ["attention", "gla"]
-cpu_steps = 40
+cpu_steps = 25
 n_boot = 1000
 
 # %% tags=["hide-input"]
@@ -273,7 +273,7 @@ for mixer in cpu_mixers:
         model_cfg = ModelConfig(mixer=mixer, d_model=width, n_layers=2, n_heads=2, max_seq_len=64)
         train_cfg = TrainConfig(steps=cpu_steps, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=4,
                                 eval_interval=cpu_steps, eval_batches=4, log_interval=10,
-                                final_eval=["test", "test_ood"], final_eval_tokens=4096)
+                                final_eval=["test", "test_ood"], final_eval_tokens=2048)
         run_id = f"{mixer}-d{width}-l2-h2-t64-s{cpu_steps}-seed0"
         train_and_record(cpu_experiment, model_cfg, train_cfg, data, data_name="corpus", run_id=run_id)
 
