@@ -13,7 +13,7 @@ import yaml
 from lmscale.cli import main
 from lmscale.config import ConfigError
 from lmscale.results import make_record, read_records, write_record
-from lmscale.sweep import _DirectRunner, expand, load_spec, parse_spec, run_id_for, run_sweep
+from lmscale.sweep import _DirectRunner, expand, load_spec, parse_spec, run_id_for, run_lock, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest model that trains on the real corpus (GPT-2 vocabulary) in a couple of seconds.
@@ -183,3 +183,33 @@ def test_papermill_runner_writes_the_templates_record(tmp_path, corpus_dir):
     assert (outcome.run_id, outcome.status) == ("gla-d16-l1-h2-t16-s3-seed0", "ok")
     record = json.loads(outcome.record.read_text())
     assert record["config"]["model"]["d_model"] == 16 and record["metrics"]["val_loss"] == outcome.val_loss
+
+
+def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, corpus_dir):
+    results = tmp_path / "results"
+    spec = load_spec(_spec(tmp_path, grid={"mixer": ["attention", "gla"]}))
+    held = expand(spec)[1].run_id
+    with run_lock(results.resolve(), "sweep-check", held) as mine:
+        assert mine
+        outcomes = {o.run_id: o.status for o in run_sweep(spec, results_root=results)}
+    assert outcomes[held] == "running elsewhere" and list(outcomes.values()).count("ok") == 1
+    assert sorted(_records(results)) == sorted(set(outcomes) - {held})
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_spec_share_the_runs_and_write_each_once(tmp_path, corpus_dir):
+    import os
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    spec = _spec(tmp_path, grid={"mixer": ["attention", "gla"], "seed": [0, 1, 2]})
+    env = {**os.environ, "LMSCALE_RESULTS": str(results)}
+    cmd = [sys.executable, "-m", "lmscale", "sweep", str(spec)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    ran = sum(out.count(" ok ") for out, _ in outputs)
+    assert ran == 6  # every run ran once, in one of the two
+    for path in (results / "sweep-check").glob("*.jsonl"):
+        assert len(read_records(path)) == 1, path

@@ -26,6 +26,7 @@ does not know, values of the wrong type and, for the direct runner, impossible c
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,9 @@ class Run:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What became of a run: status "ok" or "error" (ran now), "skipped" (an ok record existed), or, in a
-    dry run, "to run" / "to retry" (an error record exists)."""
+    """What became of a run: status "ok" or "error" (ran now), "skipped" (an ok record existed),
+    "running elsewhere" (another sweep holds its lock), or, in a dry run, "to run" / "to retry" (an error
+    record exists)."""
 
     run_id: str
     status: str
@@ -478,9 +480,42 @@ def _child_env(root: Path, jobs: int) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def run_lock(root: Path, experiment: str, run_id: str) -> Iterator[bool]:
+    """Hold ``<root>/<experiment>/.locks/<run_id>.lock`` while a run executes; yields False when another
+    process holds it. An OS lock (flock), so a process killed with SIGKILL releases it with its life."""
+    import fcntl
+
+    folder = root / experiment / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{run_id}.lock", "a+") as handle:  # flock locks the open descriptor
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner | _RecallRunner, env: dict[str, str],
              root: Path, workdir: Path) -> RunOutcome:
-    """Run one child process; whatever goes wrong becomes an error record, never an exception."""
+    """Run one child process unless another sweep is running or has finished it (two sweeps of one spec
+    share the work); whatever goes wrong becomes an error record, never an exception."""
+    with run_lock(root, experiment, run.run_id) as mine:
+        if not mine:
+            return RunOutcome(run.run_id, "running elsewhere", run.point, seconds=0.0)
+        record = _last_record(root / experiment / f"{run.run_id}.jsonl")
+        if record is not None and record.get("status") == "ok":  # finished by another sweep since we looked
+            return RunOutcome(run.run_id, "skipped", run.point, record["metrics"].get("val_loss"), 0.0,
+                              root / experiment / f"{run.run_id}.jsonl")
+        return _execute_locked(run, experiment, runner, env, root, workdir)
+
+
+def _execute_locked(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner | _RecallRunner,
+                    env: dict[str, str], root: Path, workdir: Path) -> RunOutcome:
     path = root / experiment / f"{run.run_id}.jsonl"
     argv: list[str] = []
     start = time.perf_counter()
