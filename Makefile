@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: book test setup data browser lint clean
+.PHONY: book test test-slow setup data browser lint clean
 
 # Execution is cached per notebook source. New result records or a changed library also invalidate
 # the cache, so that chapters pick up runs made since the last build and never show stale numbers.
@@ -26,6 +26,10 @@ book: setup data
 
 test: book browser
 	$(BIN)/python -m pytest -q
+
+# the crash-consistency suite: SIGKILL at random moments, then resume (minutes; not part of make test)
+test-slow: setup data
+	$(BIN)/python -m pytest -q -s -m crash
 
 setup: $(STAMP)
 
