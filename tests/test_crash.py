@@ -82,3 +82,44 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, corpus_dir):
     assert len(records) == 1 and len(read_records(records[0])) == 1  # counted once, not lost
     ref_record = read_records(next((reference / "results" / "crash").glob("*.jsonl")))[0]
     assert read_records(records[0])[0]["metrics"]["val_loss"] == ref_record["metrics"]["val_loss"]
+
+
+def test_a_sweep_killed_again_and_again_finishes_every_run_once(tmp_path, corpus_dir):
+    """SIGKILL the sweep itself; its children live on holding their runs' locks, so a re-run leaves those
+    to them ("running elsewhere") and runs the rest; in the end every run has one complete record."""
+    import yaml
+
+    from lmscale.sweep import expand, load_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "experiment": "crash-sweep", "runner": "direct",
+        "fixed": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 16, "max_seq_len": 16, "steps": 30,
+                  "warmup_steps": 2, "batch_size": 2, "eval_batches": 1, "tensorboard": False},
+        "grid": {"mixer": ["attention", "gla"], "seed": [0, 1, 2]}}))
+    results = tmp_path / "results"
+    env = {**os.environ, "LMSCALE_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(60):
+        proc = subprocess.Popen([sys.executable, "-m", "lmscale", "sweep", str(spec), "--jobs", "2"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills < 8:
+            try:
+                proc.wait(timeout=rng.uniform(0.5, 8.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                for path in (results / "crash-sweep").glob("*.jsonl"):
+                    read_records(path)  # complete or absent, whatever the kill interrupted
+                continue
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+        done = {p.stem: read_records(p) for p in (results / "crash-sweep").glob("*.jsonl")}
+        if kills >= 8 and len(done) == 6 and all(r[-1]["status"] == "ok" for r in done.values()):
+            break
+        time.sleep(1.0)  # orphaned children of a killed sweep are still finishing their runs
+    ids = {r.run_id for r in expand(load_spec(spec))}
+    assert kills == 8 and set(done) == ids
+    assert all(len(records) == 1 and records[0]["status"] == "ok" for records in done.values())
+    print(f"\ncrash suite (sweep): {kills} kills of the sweep, {len(done)} runs recorded once each")

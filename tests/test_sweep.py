@@ -189,8 +189,8 @@ def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, corpus_dir):
     results = tmp_path / "results"
     spec = load_spec(_spec(tmp_path, grid={"mixer": ["attention", "gla"]}))
     held = expand(spec)[1].run_id
-    with run_lock(results.resolve(), "sweep-check", held) as mine:
-        assert mine
+    with run_lock(results.resolve(), "sweep-check", held) as lock:
+        assert lock is not None
         outcomes = {o.run_id: o.status for o in run_sweep(spec, results_root=results)}
     assert outcomes[held] == "running elsewhere" and list(outcomes.values()).count("ok") == 1
     assert sorted(_records(results)) == sorted(set(outcomes) - {held})

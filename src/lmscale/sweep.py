@@ -481,9 +481,11 @@ def _child_env(root: Path, jobs: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path, experiment: str, run_id: str) -> Iterator[bool]:
-    """Hold ``<root>/<experiment>/.locks/<run_id>.lock`` while a run executes; yields False when another
-    process holds it. An OS lock (flock), so a process killed with SIGKILL releases it with its life."""
+def run_lock(root: Path, experiment: str, run_id: str) -> Iterator[int | None]:
+    """Hold ``<root>/<experiment>/.locks/<run_id>.lock`` while a run executes; yields its file descriptor,
+    or None when another process holds it. An OS lock (flock) belongs to the open file, so it dies with
+    every process that has the descriptor: the run's child inherits it, and a sweep killed with SIGKILL
+    leaves the lock held until its orphaned child is done, never longer."""
     import fcntl
 
     folder = root / experiment / ".locks"
@@ -492,10 +494,10 @@ def run_lock(root: Path, experiment: str, run_id: str) -> Iterator[bool]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
         try:
-            yield True
+            yield handle.fileno()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -504,24 +506,25 @@ def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner
              root: Path, workdir: Path) -> RunOutcome:
     """Run one child process unless another sweep is running or has finished it (two sweeps of one spec
     share the work); whatever goes wrong becomes an error record, never an exception."""
-    with run_lock(root, experiment, run.run_id) as mine:
-        if not mine:
+    with run_lock(root, experiment, run.run_id) as lock:
+        if lock is None:
             return RunOutcome(run.run_id, "running elsewhere", run.point, seconds=0.0)
         record = _last_record(root / experiment / f"{run.run_id}.jsonl")
         if record is not None and record.get("status") == "ok":  # finished by another sweep since we looked
             return RunOutcome(run.run_id, "skipped", run.point, record["metrics"].get("val_loss"), 0.0,
                               root / experiment / f"{run.run_id}.jsonl")
-        return _execute_locked(run, experiment, runner, env, root, workdir)
+        return _execute_locked(run, experiment, runner, env, root, workdir, lock)
 
 
 def _execute_locked(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner | _RecallRunner,
-                    env: dict[str, str], root: Path, workdir: Path) -> RunOutcome:
+                    env: dict[str, str], root: Path, workdir: Path, lock: int) -> RunOutcome:
     path = root / experiment / f"{run.run_id}.jsonl"
     argv: list[str] = []
     start = time.perf_counter()
     try:
         argv, stdin, cwd = runner.command(experiment, run, workdir)
-        proc = subprocess.run(argv, input=stdin, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, input=stdin, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                              pass_fds=(lock,))  # the child holds the run's lock too
         seconds = time.perf_counter() - start
         record = _last_record(path)
         finished = proc.returncode == 0 and record is not None and record.get("status") == "ok"
