@@ -56,18 +56,25 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        if not isinstance(self.mixer, str) or not self.mixer:
+            raise ConfigError("mixer", self.mixer, "must be a mixer's name, e.g. 'gla' (see `lmscale mixers`)")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_multiple"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(name, value, "must be a positive integer")
+        for name in ("mlp_ratio", "rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(name, value, "must be a positive, finite number")
+        if self.mlp_ratio * self.d_model >= 2**31:
+            raise ConfigError("mlp_ratio", self.mlp_ratio, f"gives an MLP of {self.mlp_ratio * self.d_model:.3g} channels; "
+                                                          "a SwiGLU's ratio is about 8/3")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 "d_model",
                 self.d_model,
                 f"must be divisible by n_heads={self.n_heads} (each head gets d_model / n_heads channels)",
             )
-        if self.mlp_ratio <= 0:
-            raise ConfigError("mlp_ratio", self.mlp_ratio, "must be positive")
         if not isinstance(self.mixer_options, dict):
             raise ConfigError("mixer_options", self.mixer_options, "must be a dict of mixer keyword options")
         self._validate_layer_pattern()
@@ -221,8 +228,15 @@ class TrainConfig:
         for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
                      "early_stopping_min_delta", "peak_flops"):
             value = getattr(self, name)
+            if value is None and name == "peak_flops":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(name, value, "must be a number")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(name, value, "must be a finite number")
+        for name in ("schedule", "device", "autocast", "parallel", "loss_impl"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(name, getattr(self, name), "must be a string")
         if self.warmup_steps >= self.steps:
             raise ConfigError("warmup_steps", self.warmup_steps, f"must be smaller than steps={self.steps}")
         if not self.lr > 0:
