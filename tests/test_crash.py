@@ -16,11 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmscale.results import read_records
+from lmscale.results import make_record, read_records, write_record
 from lmscale.train import load_checkpoint
 
 pytestmark = pytest.mark.crash
 KILLS = 20
+EXPERIMENT = "reliability"  # the suite's own numbers, for the book (data/results/reliability/)
+
+
+def _record_numbers(name: str, metrics: dict) -> None:
+    """The suite's counts as a result record (the book prints them), beside the printed summary."""
+    write_record(make_record(EXPERIMENT, kind="crash-suite", config={"suite": name, "kills": KILLS}, seed=0,
+                             metrics=metrics, device="cpu", run_id=f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"))
 ARGS = ["--preset", "tiny", "--mixer", "gla", "--max-seq-len", "32", "--seq-len", "32", "--batch-size", "4",
         "--steps", "60", "--warmup-steps", "4", "--eval-interval", "20", "--eval-batches", "1",
         "--checkpoint-interval", "3", "--tensorboard", "false", "--experiment", "crash", "--run-id", "crash-run"]
@@ -80,6 +87,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, corpus_dir):
           f"{corrupt}, records: {len(records)}")
     assert kills == KILLS and corrupt == 0 and exact
     assert len(records) == 1 and len(read_records(records[0])) == 1  # counted once, not lost
+    _record_numbers("train", {"kills": kills, "resumes": resumed, "finished_before_kill": finished_early,
+                              "exact_weights": exact, "corrupt_files": corrupt, "records": len(records)})
     ref_record = read_records(next((reference / "results" / "crash").glob("*.jsonl")))[0]
     assert read_records(records[0])[0]["metrics"]["val_loss"] == ref_record["metrics"]["val_loss"]
 
@@ -100,7 +109,7 @@ def test_a_sweep_killed_again_and_again_finishes_every_run_once(tmp_path, corpus
     results = tmp_path / "results"
     env = {**os.environ, "LMSCALE_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
     rng = random.Random(7)
-    kills = 0
+    kills = corrupt = 0
     for _ in range(60):
         proc = subprocess.Popen([sys.executable, "-m", "lmscale", "sweep", str(spec), "--jobs", "2"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -112,7 +121,10 @@ def test_a_sweep_killed_again_and_again_finishes_every_run_once(tmp_path, corpus
                 proc.wait()
                 kills += 1
                 for path in (results / "crash-sweep").glob("*.jsonl"):
-                    read_records(path)  # complete or absent, whatever the kill interrupted
+                    try:
+                        read_records(path)  # complete or absent, whatever the kill interrupted
+                    except Exception:  # noqa: BLE001 - counted, and must stay 0
+                        corrupt += 1
                 continue
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
         done = {p.stem: read_records(p) for p in (results / "crash-sweep").glob("*.jsonl")}
@@ -120,6 +132,7 @@ def test_a_sweep_killed_again_and_again_finishes_every_run_once(tmp_path, corpus
             break
         time.sleep(1.0)  # orphaned children of a killed sweep are still finishing their runs
     ids = {r.run_id for r in expand(load_spec(spec))}
-    assert kills == 8 and set(done) == ids
+    assert kills == 8 and set(done) == ids and corrupt == 0
     assert all(len(records) == 1 and records[0]["status"] == "ok" for records in done.values())
     print(f"\ncrash suite (sweep): {kills} kills of the sweep, {len(done)} runs recorded once each")
+    _record_numbers("sweep", {"kills": kills, "runs": len(ids), "runs_recorded_once": len(done), "corrupt_files": corrupt})
