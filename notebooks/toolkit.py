@@ -27,11 +27,12 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 import torch
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.config import TrainConfig
 from lmscale.presets import PRESETS, preset, preset_table
+from lmscale.results import load_records
 from lmscale.scaling import token_budgets
 from lmscale.train import TokenData, train_and_record
 
@@ -140,3 +141,28 @@ Markdown(f"*The record above was written on {record['provenance']['hardware']['c
          f"({record['provenance']['hardware']['device']}), torch {record['provenance']['versions']['torch']}, "
          f"commit {str(record['provenance']['git_commit'])[:10]}, {record['provenance']['date']}; "
          f"{result.metrics['tokens_per_second']:,.0f} tokens/s.*")
+
+# %% [markdown]
+# ## Reliability: what a crash costs
+#
+# Long runs and sweeps are where a report loses data, so `make test-slow` kills real processes with
+# SIGKILL at random moments — a training run twenty times, a sweep eight times — resumes or re-runs
+# them, and checks that nothing was lost or damaged: the resumed run's weights must equal an
+# uninterrupted run's bit for bit, every checkpoint and record on disk must load after every kill, and
+# every run must end with exactly one record. Checkpoints and records are written to a temporary file
+# and renamed into place; each sweep run holds a lock that its child inherits, so two sweeps of one spec
+# share its runs and a killed sweep's runs finish in their own processes. The suite's last counts, from
+# its records in `data/results/reliability/`:
+
+# %% tags=["hide-input"]
+reliability = load_records("reliability")
+if reliability.empty:
+    display(Markdown("*Not yet run: `make test-slow` writes these records.*"))
+else:
+    latest = reliability.sort_values("date").groupby("config.suite").tail(1)
+    rows = [{"suite": f"lmscale {s}", "kills": int(k), "exact weights after resume": {True: "yes", False: "no"}.get(e, "—"),
+             "corrupt files": int(c), "commit": str(g)[:10], "date": str(d)[:10]}
+            for s, k, e, c, g, d in zip(latest["config.suite"], latest["metrics.kills"],
+                                        latest.get("metrics.exact_weights", pd.Series(index=latest.index, dtype=object)),
+                                        latest["metrics.corrupt_files"], latest["git_commit"], latest["date"])]
+    display(plots.table(pd.DataFrame(rows), "reliability"))
