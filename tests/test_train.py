@@ -149,6 +149,25 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
         train(model_cfg, train_cfg, data, out_dir=tmp_path, resume=True)
 
 
+def test_a_flipped_bit_inside_a_tensor_is_caught_by_the_checksum(tmp_path):
+    """torch.load reads a flipped bit in a tensor's bytes without complaint; the checkpoint's digest does not."""
+    data = _data()
+    model_cfg, train_cfg = _cfgs(steps=10)
+    train(model_cfg, train_cfg, data, out_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    assert load_checkpoint(path)["step"] == 10  # intact: the digest matches
+    raw = bytearray(path.read_bytes())
+    weight = torch.load(path, weights_only=True)["model"]["embed.weight"]
+    needle = weight.contiguous().view(torch.uint8).numpy().tobytes()[:64]  # the tensor's first bytes, in the zip
+    at = bytes(raw).find(needle)
+    assert at > 0
+    raw[at + 3] ^= 0x10  # one bit of the first embedding value
+    path.write_bytes(bytes(raw))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["embed.weight"], weight)  # torch loads it
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: corrupt checkpoint: its contents do not match the checksum"):
+        load_checkpoint(path)
+
+
 def test_resume_with_another_architecture_is_refused(tmp_path):
     data = _data()
     model_cfg, train_cfg = _cfgs(steps=10)

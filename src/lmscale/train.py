@@ -11,6 +11,7 @@ checkpoint sees exactly the batches and updates the uninterrupted run saw.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -396,9 +397,22 @@ def save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, step: 
         "curves": json.dumps(curves),
         "resumes": json.dumps(resumes or []),
     }
+    state["digest"] = checkpoint_digest(state)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_digest(state: dict[str, Any]) -> str:
+    """BLAKE2b over every tensor's bytes and every other field, in a fixed order: torch.load notices a
+    truncated file, but not a flipped bit inside a tensor; this does."""
+    h = hashlib.blake2b(digest_size=32)
+    for name, t in sorted(_named_tensors("state", {k: v for k, v in state.items() if k != "digest"})):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(k for k, v in state.items() if isinstance(v, (str, int)) and k != "digest"):
+        h.update(f"{key}={state[key]}".encode())
+    return h.hexdigest()
 
 
 def _named_tensors(prefix: str, tree: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -446,6 +460,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no checkpoint there; train without resume first")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        digest_ok = "digest" not in state or checkpoint_digest(state) == state["digest"]  # older ones: unchecked
         state["model_config"] = ModelConfig.from_dict(json.loads(state["model_config"]))
         state["train_config"] = json.loads(state["train_config"])
         state["curves"] = json.loads(state["curves"])
@@ -454,6 +469,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state["rng"]["torch"]
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or incompatible checkpoint ({type(e).__name__}: {e})") from e
+    if not digest_ok:
+        raise CheckpointError(f"{path}: corrupt checkpoint: its contents do not match the checksum written with them "
+                              "(a flipped bit or a partial copy); resume from another copy or train again")
     return state
 
 
