@@ -142,7 +142,7 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
     ({"experiment": "my sweep"}, "experiment"),
     ({"cases": [{}]}, "cases"),
     ({"cases": [{"seed": 3}]}, "cases.seed"),  # also in grid
-    ({"cases": [{"lr": 1.0e-3}, {"mlp_ratio": -1.0}]}, "mlp_ratio.*must be positive"),
+    ({"cases": [{"lr": 1.0e-3}, {"mlp_ratio": -1.0}]}, "mlp_ratio.*must be a positive, finite number"),
     ({"cases": [{"lr": "8"}]}, "cases.cases[0].lr"),
     ({"cases": {"a": [{"lr": 1.0e-3}], "b": [{"lr": 2.0e-3}]}}, "cases.b.lr.*also in cases.a"),
     ({"cases": {"model": []}}, "cases.model"),

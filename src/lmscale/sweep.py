@@ -237,6 +237,27 @@ def _cell(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------- runners
 
 
+def _in_run(e: ConfigError, run: Run) -> ConfigError:
+    """The same error, naming the run it came from."""
+    why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
+    return ConfigError(e.field, e.value, f"{why} (run {run.run_id})")
+
+
+def _lmscale_command(command: str, experiment: str, run: Run) -> list[str]:
+    """``python -m lmscale <command>`` with one flag per parameter the spec sets: lists comma-separated,
+    mixer options as ``--mixer-option NAME=JSON``, unset values (None, an empty preset) left out."""
+    argv = [sys.executable, "-m", "lmscale", command, "--experiment", experiment, "--run-id", run.run_id]
+    for key in run.given:
+        value, flag = run.params[key], f"--{key.replace('_', '-')}"
+        if key == "mixer_options":
+            argv += [arg for name, option in value.items() for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
+        elif isinstance(value, list):
+            argv += [flag, ",".join(map(str, value))]
+        elif value is not None and not (key == "preset" and not value):
+            argv += [flag, str(value)]
+    return argv
+
+
 class _DirectRunner:
     """``python -m lmscale train``: the parameters are ModelConfig and TrainConfig fields."""
 
@@ -275,24 +296,10 @@ class _DirectRunner:
             if train.seq_len > model.max_seq_len:
                 raise ConfigError("seq_len", train.seq_len, f"exceeds the model's max_seq_len={model.max_seq_len}")
         except ConfigError as e:
-            why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
-            raise ConfigError(e.field, e.value, f"{why} (run {run.run_id})") from e
+            raise _in_run(e, run) from e
 
     def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
-        argv = [sys.executable, "-m", "lmscale", "train", "--experiment", experiment, "--run-id", run.run_id]
-        for key in run.given:
-            value = run.params[key]
-            flag = f"--{key.replace('_', '-')}"
-            if key == "preset" and not value:
-                continue
-            if key == "mixer_options":
-                argv += [arg for name, option in value.items()
-                         for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
-            elif isinstance(value, list):
-                argv += [flag, ",".join(map(str, value))]
-            elif value is not None:
-                argv += [flag, str(value)]
-        return argv, None, repo_root()
+        return _lmscale_command("train", experiment, run), None, repo_root()
 
 
 class _PapermillRunner:
@@ -355,18 +362,10 @@ class _RecallRunner:
             cfg = self.config(**run.params)
             state_bytes(cfg.model_config, cfg.prompt_len)
         except ConfigError as e:
-            why = str(e).removeprefix(f"config field '{e.field}'={e.value!r}: ")
-            raise ConfigError(e.field, e.value, f"{why} (run {run.run_id})") from e
+            raise _in_run(e, run) from e
 
     def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
-        argv = [sys.executable, "-m", "lmscale", "recall", "--experiment", experiment, "--run-id", run.run_id]
-        for key in run.given:
-            value = run.params[key]
-            if key == "mixer_options":
-                argv += [arg for name, option in value.items() for arg in ("--mixer-option", f"{name}={json.dumps(option)}")]
-            elif value is not None:
-                argv += [f"--{key.replace('_', '-')}", str(value)]
-        return argv, None, repo_root()
+        return _lmscale_command("recall", experiment, run), None, repo_root()
 
 
 def _make_runner(name: str) -> _DirectRunner | _PapermillRunner | _RecallRunner:
