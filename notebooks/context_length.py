@@ -24,7 +24,7 @@ experiment = "context"  # data/sweeps/context.yaml
 cpu_experiment = "context-cpu"  # the live CPU run of the last section
 cpu_mixers = ["attention", "gla"]
 cpu_seq_len = 32
-cpu_steps = 40
+cpu_steps = 20
 
 # %% tags=["hide-input"]
 import altair as alt
@@ -127,7 +127,7 @@ for mixer in cpu_mixers:
     model_cfg = ModelConfig(mixer=mixer, d_model=64, n_layers=2, n_heads=2, max_seq_len=4 * cpu_seq_len)
     train_cfg = TrainConfig(steps=cpu_steps, batch_size=8, seq_len=cpu_seq_len, lr=3e-3, warmup_steps=4,
                             eval_interval=cpu_steps, eval_batches=4, log_interval=10,
-                            position_eval_lengths=[4 * cpu_seq_len], final_eval_tokens=8192)
+                            position_eval_lengths=[4 * cpu_seq_len], final_eval_tokens=4096)
     run_id = f"{mixer}-d64-l2-h2-t{cpu_seq_len}-s{cpu_steps}-seed0"
     train_and_record(cpu_experiment, model_cfg, train_cfg, data, data_name="corpus", run_id=run_id)
 

@@ -25,8 +25,8 @@ experiment = "scaling"  # the GPU ladder (data/sweeps/scaling.yaml and scaling-s
 lr_experiment = "scaling-lr"  # its learning-rate grid (data/sweeps/scaling-lr.yaml)
 cpu_experiment = "scaling-cpu"  # the live CPU ladder of the last section
 cpu_widths = [32, 48, 64, 96]
-cpu_mixers = ["attention", "gla"]
-cpu_steps = 25
+cpu_mixers = ["attention"]
+cpu_steps = 20
 n_boot = 1000
 
 # %% tags=["hide-input"]
@@ -109,8 +109,7 @@ runs = expand(spec)
 sizes = list(dict.fromkeys(r.params["preset"] for r in runs))
 models = list(dict.fromkeys(r.params["mixer"] + (f"+attention/{r.params['attention_every']}"
                                                   if r.params["attention_every"] else "") for r in runs))
-presets = preset_table(sorted({r.params["mixer"] for r in runs}))
-presets = presets[presets["preset"].isin(sizes)]
+presets = preset_table(sorted({r.params["mixer"] for r in runs}), presets=sizes)
 shape = presets[presets["mixer"] == "attention"][["preset", "d_model", "n_layers", "n_heads", "params",
                                                   "non_embedding_params"]]
 spread_by_size = presets.groupby("preset")["non_embedding_params"].agg(["min", "max"]).reindex(sizes)

@@ -174,8 +174,9 @@ def preset(name: str, mixer: str, **overrides: Any) -> ModelConfig:
     return dataclasses.replace(cfg, mlp_ratio=_ratio_for(_solved_hidden(_key(cfg)), cfg.d_model))
 
 
-def preset_table(mixers: list[str] | None = None) -> pd.DataFrame:
-    """One row per (preset, mixer): shape, solved ``d_hidden``, total and non-embedding parameters.
+def preset_table(mixers: list[str] | None = None, presets: list[str] | None = None) -> pd.DataFrame:
+    """One row per (preset, mixer): shape, solved ``d_hidden``, total and non-embedding parameters;
+    ``mixers`` and ``presets`` (default: all) choose the rows.
 
     ``ratio_to_attention`` is the non-embedding count over attention's at the same preset (the matched
     quantity; the total ratio is closer still, the embedding being the same). A mixer that cannot be
@@ -185,8 +186,11 @@ def preset_table(mixers: list[str] | None = None) -> pd.DataFrame:
     for name in names:
         if name not in available():
             raise UnknownMixerError(name)
+    for name in presets or []:
+        if name not in _SHAPES:
+            raise _unknown_preset(name)
     rows = []
-    for preset_name in PRESETS:
+    for preset_name in [p for p in PRESETS if presets is None or p in presets]:
         reference = param_counts(preset(preset_name, HYBRID_ATTENTION))[1]
         for name in names:
             shape = _SHAPES[preset_name]
