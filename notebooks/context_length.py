@@ -123,6 +123,7 @@ else:
 # same records and tables. It proves the machinery; it says nothing about these mixers at scale.
 
 # %% tags=["hide-input", "nbval-ignore-output"]
+cpu_runs = []
 for mixer in cpu_mixers:
     model_cfg = ModelConfig(mixer=mixer, d_model=64, n_layers=2, n_heads=2, max_seq_len=4 * cpu_seq_len)
     train_cfg = TrainConfig(steps=cpu_steps, batch_size=8, seq_len=cpu_seq_len, lr=3e-3, warmup_steps=4,
@@ -130,11 +131,11 @@ for mixer in cpu_mixers:
                             position_eval_lengths=[4 * cpu_seq_len], final_eval_tokens=4096)
     run_id = f"{mixer}-d64-l2-h2-t{cpu_seq_len}-s{cpu_steps}-seed0"
     train_and_record(cpu_experiment, model_cfg, train_cfg, data, data_name="corpus", run_id=run_id)
+    cpu_runs.append(run_id)
 
 # %% tags=["hide-input"]
 cpu_records = load_records(cpu_experiment)
-cpu_records = cpu_records[cpu_records["config.model.mixer"].isin(cpu_mixers)
-                          & (cpu_records["config.train.seq_len"] == cpu_seq_len)]
+cpu_records = cpu_records[cpu_records["run_id"].isin(cpu_runs)]  # this build's runs, not older ones
 cpu_positions = position_frame(cpu_records)
 display(position_chart(cpu_positions))
 display(Markdown(f"*The live CPU run. {plots.provenance_caption(cpu_records)}*"))

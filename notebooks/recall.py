@@ -166,15 +166,16 @@ else:
 # machinery; the accuracies say nothing about these mixers.
 
 # %% tags=["hide-input", "nbval-ignore-output"]
-for mixer in cpu_mixers:
+cpu_runs = [f"{mixer}-d32-t16-p2-s{cpu_steps}" for mixer in cpu_mixers]
+for mixer, run_id in zip(cpu_mixers, cpu_runs, strict=True):
     cfg = RecallConfig(mixer=mixer, d_model=32, vocab_size=32, seq_len=16, num_pairs=2, steps=cpu_steps,
                        warmup_steps=10, batch_size=32, n_train=2000, n_test=100, lr=3e-3)
-    recall_and_record(cfg, experiment=cpu_experiment, run_id=f"{mixer}-d32-t16-p2-s{cpu_steps}")
+    recall_and_record(cfg, experiment=cpu_experiment, run_id=run_id)
 
 # %% tags=["hide-input"]
 cpu_records = load_records(cpu_experiment)
 cpu = recall_table(cpu_records)
-cpu = cpu[cpu["model"].isin(cpu_mixers)]
+cpu = cpu[cpu["run_id"].isin(cpu_runs)]  # this build's runs, not older ones with other settings
 display(plots.table(cpu[["model", "d_model", "task", "lr", "accuracy", "state_bytes"]], "recall-cpu",
                     formats={"accuracy": "{:.3f}", "state_bytes": "{:,}"}))
 display(Markdown(f"*The live CPU runs. {plots.provenance_caption(cpu_records[cpu_records['run_id'].isin(cpu['run_id'])])}*"))

@@ -267,6 +267,7 @@ Markdown(f"**Literature** (Hoffmann et al. 2022, approach 3): α = {HOFFMANN_202
 # about scaling.
 
 # %% tags=["hide-input", "nbval-ignore-output"]
+cpu_runs = []
 for mixer in cpu_mixers:
     for width in cpu_widths:
         model_cfg = ModelConfig(mixer=mixer, d_model=width, n_layers=2, n_heads=2, max_seq_len=64)
@@ -275,11 +276,12 @@ for mixer in cpu_mixers:
                                 final_eval=["test", "test_ood"], final_eval_tokens=2048)
         run_id = f"{mixer}-d{width}-l2-h2-t64-s{cpu_steps}-seed0"
         train_and_record(cpu_experiment, model_cfg, train_cfg, data, data_name="corpus", run_id=run_id)
+        cpu_runs.append(run_id)
 
 # %% tags=["hide-input"]
 cpu_records = load_records(cpu_experiment)
 cpu = ladder_table(cpu_records, unique)
-cpu = cpu[cpu["d_model"].isin(cpu_widths) & cpu["model"].isin(cpu_mixers)]
+cpu = cpu[cpu["run_id"].isin(cpu_runs)]  # this build's runs, not older ones with other settings
 cpu_fits = fit_ladders(cpu, "test_loss", n_boot=200)
 display(plots.table(fits_table(cpu_fits), "cpu-fits"))
 display(ladder_chart(cpu, cpu_fits, "test_loss", "test loss (nats)"))
