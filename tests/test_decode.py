@@ -30,6 +30,9 @@ REFUSED = {  # mixer -> what the refusal must name: the leaf whose layout a step
 }
 GRAPHABLE = [pytest.param(name, {}, id=name) for name in available() if name not in REFUSED]
 GRAPHABLE.append(pytest.param("leap", {"window": "global"}, id="leap-global"))
+GRAPHABLE.append(pytest.param("attention", {"kv_cache": "static"}, id="attention-static"))
+GRAPHABLE.append(pytest.param("attention", {"kv_cache": "static", "window": 4, "n_kv_heads": 1},
+                              id="attention-static-window-mqa"))
 
 
 def make_model(name, options=None, dtype=torch.float32, **fields):
@@ -267,3 +270,43 @@ def test_state_leaves_walks_tensors_tuples_lists_and_dataclasses():
     assert [leaf for _, leaf in leaves][2:] == [3, None]
     with pytest.raises(TypeError, match=r"state\[0\] is a dict; decoding states must be tensors"):
         state_leaves(({"k": t},))
+
+
+@pytest.mark.parametrize("options, chunk", [({}, 5), ({"window": 3}, 1), ({"window": 3, "n_kv_heads": 1}, 2)])
+def test_static_kv_cache_in_chunks_equals_one_forward(options, chunk):
+    """Tokens fed a few at a time into a static cache (the ring wraps with a window) give the logits of
+    one pass over the whole sequence, and the cache holds the positions the next query needs."""
+    dynamic = make_model("attention", options, dtype=torch.float64)
+    static = make_model("attention", {**options, "kv_cache": "static"}, dtype=torch.float64)
+    idx = random_tokens(T=13)
+    with torch.no_grad():
+        state, pieces = static.init_state(2, "cpu", torch.float64), []
+        for start in range(0, 13, chunk):
+            logits, state = static(idx[:, start:start + chunk], state, return_state=True)
+            pieces.append(logits)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), dynamic(idx), rtol=1e-10, atol=1e-12)
+    cache = state[0]
+    assert int(cache.position) == 13
+    window = options.get("window")
+    expected = [-1] * (64 - 13) + list(range(13)) if window is None else list(range(13 - window - 1, 13))
+    assert sorted(cache.slots.tolist()) == expected
+
+
+def test_static_kv_cache_refuses_to_decode_past_max_seq_len():
+    model = make_model("attention", {"kv_cache": "static"}, max_seq_len=8)
+    step = GraphedStep(model, 2, "cpu", torch.float32)
+    step.prefill(random_tokens(T=7))
+    step(random_tokens(T=1)[:, 0])
+    with pytest.raises(ValueError, match=r"make the context 9 tokens, but the model's static KV cache holds "
+                                         r"max_seq_len = 8; build the model with a larger max_seq_len"):
+        step(random_tokens(T=1)[:, 0])
+    with pytest.raises(ValueError, match=r"this prefill would make the context 9 tokens"):
+        step.prefill(random_tokens(T=9))
+    step.reset()
+    step(random_tokens(T=1)[:, 0])  # a new sequence has room again
+
+
+def test_prefill_computes_only_the_last_logits():
+    model, idx = make_model("gla"), random_tokens(T=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])

@@ -99,6 +99,14 @@ def check_fixed_layout(model: nn.Module, batch_size: int, device: torch.device, 
     return logits
 
 
+def static_context_limit(model: nn.Module) -> int | None:
+    """The most tokens a sequence may reach: max_seq_len if some layer keeps a static full-context KV
+    cache (which would wrap around and overwrite its first positions past that), else None."""
+    limits = [m.max_seq_len for m in model.modules()
+              if getattr(m, "kv_cache", None) == "static" and getattr(m, "window", None) is None]
+    return min(limits) if limits else None
+
+
 class GraphedStep:
     """``LanguageModel.step`` on static buffers, replayed as one CUDA graph (or run eagerly, same buffers).
 
@@ -136,6 +144,8 @@ class GraphedStep:
             raise ValueError(f"graph=True needs a CUDA device, got {device}; graph=None captures on CUDA and "
                              "runs the same static-buffer step eagerly elsewhere")
         self.model, self.batch_size, self.device, self.dtype = model, batch_size, device, dtype
+        self.position = 0  # tokens decoded since the last prefill or reset, counted on the host
+        self.context_limit = static_context_limit(model)
         with torch.no_grad():
             probe_logits = check_fixed_layout(model, batch_size, device, dtype)
             self._idx = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -163,7 +173,9 @@ class GraphedStep:
             got = f"{list(idx_t.shape)} {idx_t.dtype}" if isinstance(idx_t, Tensor) else type(idx_t).__name__
             raise ValueError(f"idx_t must be an integer tensor of token ids of shape [{self.batch_size}] (one "
                              f"per sequence), got {got}")
+        self._check_room(self.position + 1, "step")
         self._idx.copy_(idx_t)
+        self.position += 1
         if self._graph is not None:
             self._graph.replay()
         else:
@@ -179,15 +191,26 @@ class GraphedStep:
             got = f"{list(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"prompts must be an integer tensor [{self.batch_size}, T] with T >= 1, got {got}")
         with torch.no_grad():
-            logits, state = self.model(idx.to(self.device), return_state=True)
+            self._check_room(idx.shape[1], "prefill")
+            logits, state = self.model(idx.to(self.device), return_state=True, last_only=True)
             self._load(state, "the prefilled state")
             self._logits.copy_(logits[:, -1])
+        self.position = idx.shape[1]
         return self._logits
 
     def reset(self) -> None:
         """Static state back to ``model.init_state`` (the logits buffer keeps its last value)."""
         with torch.no_grad():
             self._load(self.model.init_state(self.batch_size, self.device, self.dtype), "init_state")
+        self.position = 0
+
+    def _check_room(self, tokens: int, what: str) -> None:
+        """A preallocated full-context cache (attention's static KV cache) holds max_seq_len positions;
+        its step cannot check the device-side position without a host sync, so the host counts here."""
+        if self.context_limit is not None and tokens > self.context_limit:
+            raise ValueError(f"this {what} would make the context {tokens} tokens, but the model's static KV "
+                             f"cache holds max_seq_len = {self.context_limit}; build the model with a larger "
+                             "max_seq_len (its cache is preallocated to that size), or reset() for a new sequence")
 
     def _load(self, state: list[Any], what: str) -> None:
         """Copy ``state`` into the static buffers after checking it has their layout."""

@@ -100,8 +100,12 @@ class LanguageModel(nn.Module):
     def forward(
         self, idx: Tensor, state: list[Any] | None = None, return_state: bool = False,
         targets: Tensor | None = None, loss_impl: str = "auto", loss_reduction: str = "mean",
+        last_only: bool = False,
     ) -> Tensor | tuple[Tensor, list[Any]]:
         """idx [B, T] -> logits [B, T, V], continuing from per-layer ``state`` (None: empty).
+
+        ``last_only`` gives the last position's logits alone, [B, 1, V]: what a prefill needs before
+        decoding (at B = 16 and T = 128K, all logits in bf16 would take 200 GB).
 
         With ``targets`` [B, T] it returns the next-token loss instead of the logits, computed with the
         head chunk by chunk (``lmscale.loss``): the [B·T, V] logits are never materialised.
@@ -123,7 +127,7 @@ class LanguageModel(nn.Module):
             out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,
                                        impl=loss_impl)
         else:
-            out = self.head(self.norm(x))  # (B, T, V)
+            out = self.head(self.norm(x[:, -1:] if last_only else x))  # (B, T or 1, V)
         return (out, new_states) if return_state else out
 
     def step(self, idx_t: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:

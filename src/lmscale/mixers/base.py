@@ -102,7 +102,11 @@ class Mixer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def step(self, x_t: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """One token x_t [B, D] -> (y_t [B, D], new state); the given state is not modified."""
+        """One token x_t [B, D] -> (y_t [B, D], new state).
+
+        The given state is not modified, except by a state made to be a preallocated buffer (attention's
+        static KV cache, the Triton step kernels' float32 state): that one is updated in place and
+        returned, so that a CUDA graph can replay the step. Callers use the returned state either way."""
 
     @abc.abstractmethod
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Any:
