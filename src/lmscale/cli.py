@@ -296,6 +296,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench_loss.add_argument("--out", type=Path, default=None, help="record folder (default data/results/throughput)")
     bench_loss.set_defaults(func=_cmd_bench_loss)
 
+    bench_inf = bench.add_parser("inference", help="prefill tokens/s and decode ms per step of whole models, beside "
+                                                   "their roofline prediction, with memory and energy "
+                                                   "(see lmscale.bench.inference)")
+    bench_inf.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench_inf.add_argument("--mixers", type=_name_list, default=None, help="default: every registered mixer")
+    bench_inf.add_argument("--presets", type=_name_list, default=None,
+                           help="default: 50M,125M,350M,760M,1.3B on a GPU, 50M,125M on the CPU")
+    bench_inf.add_argument("--dtypes", type=_name_list, default=None,
+                           help="bfloat16 and/or float32 (default: bfloat16 on a GPU, both on the CPU)")
+    bench_inf.add_argument("--prefill-lengths", type=_int_list, default=None, help="T of the prefills "
+                           "(default 512,2048,8192,32768; 0 for none)")
+    bench_inf.add_argument("--contexts", type=_int_list, default=None, help="contexts before the timed decode "
+                           "steps (default 1024,8192,32768,131072; 0 for none)")
+    bench_inf.add_argument("--batches", type=_int_list, default=None, help="decode batch sizes (default 1,16)")
+    bench_inf.add_argument("--decode-tokens", type=int, default=32, help="steps per timed repeat (default 32)")
+    bench_inf.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    bench_inf.add_argument("--energy", type=_switch, default=True, metavar="true|false",
+                           help="measure energy with NVML where there is one (default true)")
+    bench_inf.add_argument("--out", type=Path, default=None, help="record folder (default data/results/inference)")
+    bench_inf.add_argument("--force", action="store_true", help="measure points that have a record already")
+    bench_inf.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                           help="start no point after this long; the rest are left for the next run")
+    bench_inf.set_defaults(func=_cmd_bench_inference)
+
     budget = sub.add_parser("budget", help="training tokens for a model size by each published rule "
                                            "(Chinchilla 20×, its fit, Epoch's refit, data-constrained)")
     budget.add_argument("--params", required=True, help="parameters N, e.g. 125M, 1.3B or 6.5e6")
@@ -346,6 +370,32 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     print(format_table(records))
     print(f"written: {path}" if records else "no record written")
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _cmd_bench_inference(args: argparse.Namespace) -> int:
+    """Exit status 1 when a point failed (skipped points are not failures: their record says why)."""
+    from lmscale.bench import inference
+    from lmscale.mixers import available
+    from lmscale.paths import results_dir
+
+    gpu = args.device.startswith("cuda")  # main() resolved the default
+
+    def lengths(given: list[int] | None, default: tuple[int, ...]) -> list[int]:
+        return list(default) if given is None else [n for n in given if n]
+
+    grid = inference.points(
+        args.mixers or available(),
+        args.presets or (inference.GPU_PRESETS if gpu else inference.CPU_PRESETS),
+        args.dtypes or (["bfloat16"] if gpu else list(inference.DTYPES)),
+        lengths(args.prefill_lengths, inference.PREFILL_LENGTHS), lengths(args.contexts, inference.DECODE_CONTEXTS),
+        args.batches or inference.DECODE_BATCHES, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        energy=args.energy)
+    records, path = inference.run_points(grid, args.device, args.out or results_dir() / inference.EXPERIMENT,
+                                         force=args.force,
+                                         time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    print(inference.format_table(records))
+    print(f"written: {path}" if records else "no record written")
+    return 1 if any(r["status"] == "error" for r in records) else 0
 
 
 def _cmd_bench_loss(args: argparse.Namespace) -> int:

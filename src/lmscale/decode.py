@@ -183,16 +183,24 @@ class GraphedStep:
                 self._advance()
         return self._logits
 
-    def prefill(self, idx: Tensor) -> Tensor:
+    def prefill(self, idx: Tensor, chunk: int | None = None) -> Tensor:
         """Start new sequences from prompts idx [B, T] (eager ``model.forward``): the static state becomes the
-        prompts' final state; returns the static logits buffer [B, V] holding the last position's logits."""
+        prompts' final state; returns the static logits buffer [B, V] holding the last position's logits.
+
+        ``chunk`` feeds the prompts that many tokens at a time, each piece continuing from the last one's
+        state, so a long prompt needs one chunk's activations rather than the whole prompt's."""
         if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.shape[0] != self.batch_size or idx.shape[1] < 1 \
                 or idx.dtype not in TOKEN_DTYPES:
             got = f"{list(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"prompts must be an integer tensor [{self.batch_size}, T] with T >= 1, got {got}")
         with torch.no_grad():
             self._check_room(idx.shape[1], "prefill")
-            logits, state = self.model(idx.to(self.device), return_state=True, last_only=True)
+            if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+                raise ValueError(f"chunk must be a positive integer (tokens per piece) or None, got {chunk!r}")
+            step, state = chunk or idx.shape[1], None
+            for start in range(0, idx.shape[1], step):
+                logits, state = self.model(idx[:, start:start + step].to(self.device), state, return_state=True,
+                                           last_only=True)
             self._load(state, "the prefilled state")
             self._logits.copy_(logits[:, -1])
         self.position = idx.shape[1]

@@ -100,11 +100,11 @@ def _model_config(point: Point, **mixer_options: Any):
                   **({"mixer_options": mixer_options} if mixer_options else {}))
 
 
-def _torch_forms(point: Point) -> dict[str, Any]:
+def torch_forms(mixer: str) -> dict[str, Any]:
     """Mixer options that select the PyTorch forms, which FlopCounterMode can see (Triton kernels it cannot)."""
     from lmscale.mixers import MIXERS
 
-    option = MIXERS[point.mixer].options.get("impl")
+    option = MIXERS[mixer].options.get("impl")
     return {"impl": "torch"} if option is not None and "torch" in option.choices else {}
 
 
@@ -116,7 +116,7 @@ def counted_flops_per_token(point: Point, device) -> float:
     from lmscale.model import LanguageModel
     from lmscale.train import autocast_dtype
 
-    model = LanguageModel(_model_config(point, **_torch_forms(point))).to(device)
+    model = LanguageModel(_model_config(point, **torch_forms(point.mixer))).to(device)
     dtype = autocast_dtype("auto", device)
     idx = torch.randint(0, model.cfg.vocab_size, (1, point.seq_len + 1), device=device)
     counter = FlopCounterMode(display=False)

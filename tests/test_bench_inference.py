@@ -1,0 +1,97 @@
+"""``lmscale bench inference`` on the CPU at the tiny preset: records, predictions, skips, resumption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscale.bench import inference
+from lmscale.bench.inference import Point
+from lmscale.config import ConfigError
+from lmscale.model import LanguageModel
+from lmscale.results import read_records
+
+FAST = {"decode_tokens": 3, "repeats": 2}
+
+
+def run(grid, tmp_path, **kwargs):
+    records, path = inference.run_points(grid, "cpu", tmp_path, progress=False, **kwargs)
+    return records, path
+
+
+def test_grid_has_prefills_then_decodes_per_model():
+    grid = inference.points(["attention", "gla"], ["tiny"], ["float32"], [64, 128], [32], [1, 2])
+    assert [(p.mixer, p.phase, p.length, p.batch_size) for p in grid] == [
+        ("attention", "prefill", 64, 1), ("attention", "prefill", 128, 1),
+        ("attention", "decode", 32, 1), ("attention", "decode", 32, 2),
+        ("gla", "prefill", 64, 1), ("gla", "prefill", 128, 1), ("gla", "decode", 32, 1), ("gla", "decode", 32, 2)]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"phase": "train"}, "must be 'prefill' or 'decode'"),
+    ({"dtype": "float16"}, "must be one of bfloat16, float32"),
+    ({"length": 0}, "must be a positive integer"),
+    ({"mixer": "transformer"}, "unknown mixer"),
+])
+def test_bad_points_are_refused_before_anything_runs(fields, message, tmp_path):
+    point = Point(**{"mixer": "gla", "preset": "tiny", "phase": "decode", "length": 8, **fields})
+    with pytest.raises(ConfigError, match=message):
+        run([Point("gla", "tiny", "prefill", 8, dtype="float32", **FAST), point], tmp_path)
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_attention_decodes_on_its_static_cache_sized_to_the_context():
+    cfg = inference.model_config(Point("attention", "tiny", "decode", 100, decode_tokens=4, repeats=2))
+    assert cfg.mixer_options == {"kv_cache": "static"} and cfg.max_seq_len >= 100 + 3 * 4
+    assert inference.model_config(Point("gla", "tiny", "prefill", 64)).mixer_options == {}
+
+
+def test_decode_prediction_grows_with_attention_context_only():
+    def cost(mixer, L, B=1):
+        point = Point(mixer, "tiny", "decode", L, B, "float32")
+        with torch.device("meta"):
+            model = LanguageModel(inference.model_config(point))
+        return inference.predicted_cost(model, point)
+
+    short, long = cost("attention", 64), cost("attention", 4096)
+    cfg = inference.model_config(Point("attention", "tiny", "decode", 64))
+    kv_read = cfg.n_layers * 2 * (4096 - 64) * cfg.d_model * 4  # keys and values of 4032 more positions, float32
+    assert long["bytes"] - short["bytes"] == kv_read and long["flops"] > short["flops"]
+    assert cost("gla", 64)["bytes"] == cost("gla", 4096)["bytes"]
+    one, sixteen = cost("gla", 64), cost("gla", 64, 16)
+    assert sixteen["flops"] == 16 * one["flops"]  # every sequence its own arithmetic
+    assert one["weight_bytes"] < sixteen["bytes"] < 16 * one["bytes"]  # the weights are read once
+
+
+def test_records_prefill_and_decode_with_prediction_and_no_invented_energy(tmp_path):
+    grid = [Point("attention", "tiny", "prefill", 64, dtype="float32", **FAST),
+            Point("attention", "tiny", "decode", 40, 2, "float32", **FAST),
+            Point("jrt", "tiny", "decode", 16, 1, "float32", **FAST)]
+    records, path = run(grid, tmp_path)
+    assert [r["status"] for r in records] == ["ok"] * 3 and read_records(path) == records
+    prefill, decode, eager = (r["metrics"] for r in records)
+    assert prefill["tokens_per_second"] > 0 and prefill["predicted_ms"] > 0 and prefill["flops_counted"] > 0
+    assert 0.5 < prefill["flops_analytic_over_counted"] < 2
+    assert decode["decode_path"].startswith("static buffers") and decode["ms_per_step"] > 0
+    # a static cache holds every slot of its context; the analytic state counts the positions decoded after
+    assert decode["state_bytes_allocated"] >= decode["state_bytes_analytic"] > 0
+    assert eager["decode_path"].startswith("model.step in a loop: layer 0 ('jrt')")
+    for m in (prefill, decode, eager):
+        assert m["energy"] is None and "NVML measures NVIDIA GPUs only" in m["energy_not_measured"]
+        assert m["bound"] in ("compute", "memory") and m["measured_over_predicted"] > 0
+    assert records[0]["config"]["model"]["mixer"] == "attention"
+
+
+def test_a_point_that_cannot_fit_is_skipped_with_the_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "_free_bytes", lambda device: 10**6)
+    records, _ = run([Point("gla", "tiny", "decode", 32, 4, "float32", **FAST)], tmp_path)
+    assert records[0]["status"] == "skipped"
+    assert "GiB are free" in records[0]["error"] and "the state of 4 sequence(s) at 32 tokens" in records[0]["error"]
+
+
+def test_recorded_points_are_not_measured_again(tmp_path):
+    grid = [Point("gla", "tiny", "prefill", 32, dtype="float32", **FAST)]
+    first, _ = run(grid, tmp_path)
+    again, _ = run(grid + [Point("gla", "tiny", "prefill", 48, dtype="float32", **FAST)], tmp_path)
+    assert len(first) == 1 and [r["config"]["length"] for r in again] == [48]
+    assert len(inference.frame(first + again)) == 2
