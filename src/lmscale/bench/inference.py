@@ -96,10 +96,11 @@ def model_config(point: Point):
 def points(mixers: Iterable[str], presets: Iterable[str], dtypes: Iterable[str] = ("bfloat16",),
            prefill_lengths: Iterable[int] = PREFILL_LENGTHS, contexts: Iterable[int] = DECODE_CONTEXTS,
            batches: Iterable[int] = DECODE_BATCHES, **fields: Any) -> list[Point]:
-    """The grid: per model, the prefills at batch 1, then the decodes at each batch size and context."""
+    """The grid, smallest preset first: per model, the prefills at batch 1, then the decodes at each batch
+    size and context (a sweep cut short by its time limit has whole sizes, every mixer and dtype)."""
     grid = []
-    for dtype in dtypes:
-        for name in presets:
+    for name in presets:
+        for dtype in dtypes:
             for mixer in mixers:
                 grid += [Point(mixer, name, "prefill", T, 1, dtype, **fields) for T in prefill_lengths]
                 grid += [Point(mixer, name, "decode", L, B, dtype, **fields) for B in batches for L in contexts]
