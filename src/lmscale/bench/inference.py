@@ -493,28 +493,62 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def frame(records: Iterable[dict[str, Any]]):
-    """One row per record: the point's settings, the measurement, the prediction, energy, memory."""
+    """One row per record: the point's settings, the measurement, the prediction, energy (measured, and
+    estimated with each of ``lmscale.profile.energy.TABLES``), memory and provenance."""
     import pandas as pd
+
+    from lmscale.profile.energy import TABLES
 
     rows = []
     for r in records:
         if r.get("kind") not in ("prefill-bench", "decode-bench"):
             continue
-        c, m = r["config"], r["metrics"]
+        c, m, prov = r["config"], r["metrics"], r.get("provenance", {})
+        hardware = prov.get("hardware", {})
         energy = m.get("energy") or {}
-        rows.append({
+        tokens = c["batch_size"] * (c["length"] if c["phase"] == "prefill" else 1)  # tokens per timed call
+        row = {
             "mixer": c["mixer"], "preset": c["preset"], "phase": c["phase"], "length": c["length"],
-            "batch_size": c["batch_size"], "dtype": c["dtype"], "status": r["status"], "device": r.get("hardware", {}).get("device"),
+            "batch_size": c["batch_size"], "dtype": c["dtype"], "status": r["status"],
+            "device": hardware.get("device"), "hardware": hardware.get("gpu") or hardware.get("cpu"),
             "ms": m.get("ms_median") if c["phase"] == "prefill" else m.get("ms_per_step"),
             "tokens_per_second": m.get("tokens_per_second"), "predicted_ms": m.get("predicted_ms"),
             "ratio": m.get("measured_over_predicted"), "bound": m.get("bound"),
             "weights_floor_ms": m.get("weights_floor_ms"), "graphed": m.get("graphed"),
-            "decode_path": m.get("decode_path"),
+            "decode_path": m.get("decode_path"), "params": m.get("params"),
             "peak_memory_bytes": m.get("peak_memory_bytes"), "state_bytes_analytic": m.get("state_bytes_analytic"),
             "state_bytes_allocated": m.get("state_bytes_allocated"), "flops": m.get("flops"), "bytes": m.get("bytes"),
+            "flops_analytic_over_counted": m.get("flops_analytic_over_counted"),
             "joules_per_token": energy.get("joules_per_unit_net"), "joules_per_token_gross": energy.get("joules_per_unit"),
-            "why": r.get("error"), "commit": r.get("git_commit"),
-        })
+            "energy_not_measured": m.get("energy_not_measured"),
+            "why": r.get("error"), "commit": prov.get("git_commit"), "date": prov.get("date"),
+            "torch": prov.get("versions", {}).get("torch"), "run_id": r.get("run_id"),
+        }
+        for table in TABLES:
+            if m.get("flops") is not None and c["dtype"] in table.pj_per_flop:
+                est = table.estimate(m["flops"], m["bytes"], c["dtype"])
+                row[f"estimated_joules_per_token_low[{table.citation}]"] = est["joules_low"] / tokens
+                row[f"estimated_joules_per_token_high[{table.citation}]"] = est["joules_high"] / tokens
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def crossover(df):
+    """Per preset, batch size and dtype: the shortest context at which each mixer's decode step is faster
+    than attention's (its static cache, at the same context), or None where it never is in the records."""
+    import pandas as pd
+
+    decode = df[(df["phase"] == "decode") & (df["status"] == "ok")]
+    rows = []
+    for (preset, batch, dtype, hardware), g in decode.groupby(["preset", "batch_size", "dtype", "hardware"]):
+        attention = g[g["mixer"] == "attention"].set_index("length")["ms"]
+        if attention.empty:
+            continue
+        for mixer, h in g[g["mixer"] != "attention"].groupby("mixer"):
+            faster = sorted(L for L, ms in h.set_index("length")["ms"].items() if L in attention and ms < attention[L])
+            rows.append({"preset": preset, "batch_size": batch, "dtype": dtype, "hardware": hardware, "mixer": mixer,
+                         "faster_from": faster[0] if faster else None,
+                         "contexts_compared": len(set(h["length"]) & set(attention.index))})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,53 @@
+"""Energy predicted from arithmetic and memory traffic, with per-operation energies from the literature.
+
+A model's energy per token is, to first order, its FLOPs times the energy of one floating-point
+operation plus its bytes moved from DRAM times the energy of one byte's access: the same two counts
+the roofline uses for time (``lmscale.bench.inference``). Each table below is one published source;
+each row says where its number comes from, and a row's range (low, high) is the source's own range.
+
+What such an estimate leaves out, and why it is a lower bound on a real chip's energy: on-chip SRAM
+and register traffic, the instruction fetch and control around every operation (on a general-purpose
+core far costlier than the operation itself, Horowitz's point), static power, and the host. A measured energy well above the estimate is expected, and how far above
+says how much of the chip's energy goes to anything but arithmetic and DRAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnergyTable:
+    """Picojoules per floating-point operation by dtype, and per byte read or written from DRAM."""
+
+    name: str
+    citation: str  # key in book/references.bib
+    pj_per_flop: dict[str, tuple[float, float]]
+    pj_per_dram_byte: tuple[float, float]
+    rows: tuple[str, ...]  # what each number is, in the source's own terms
+
+    def estimate(self, flops: float, dram_bytes: float, dtype: str) -> dict[str, float]:
+        """Joules (low, high) for ``flops`` operations in ``dtype`` and ``dram_bytes`` of DRAM traffic."""
+        if dtype not in self.pj_per_flop:
+            raise ValueError(f"the {self.name} table has no arithmetic energy for {dtype}; it has "
+                             f"{', '.join(sorted(self.pj_per_flop))}")
+        (f_lo, f_hi), (m_lo, m_hi) = self.pj_per_flop[dtype], self.pj_per_dram_byte
+        return {"joules_low": 1e-12 * (flops * f_lo + dram_bytes * m_lo),
+                "joules_high": 1e-12 * (flops * f_hi + dram_bytes * m_hi),
+                "arithmetic_share_low": flops * f_lo / (flops * f_lo + dram_bytes * m_lo)}
+
+
+# One multiply–accumulate is two FLOPs: a multiply and an add, so a FLOP costs (multiply + add) / 2.
+# bfloat16 is priced as the source's 16-bit float (the multiplier of bf16 is smaller than fp16's: an
+# upper bound on its arithmetic).
+HOROWITZ_45NM = EnergyTable(
+    name="Horowitz 2014, 45 nm",
+    citation="horowitz2014energy",
+    pj_per_flop={"float32": ((3.7 + 0.9) / 2,) * 2, "bfloat16": ((1.1 + 0.4) / 2,) * 2},
+    pj_per_dram_byte=(1300 / 8, 2600 / 8),
+    rows=("32-bit float multiply 3.7 pJ, add 0.9 pJ",
+          "16-bit float multiply 1.1 pJ, add 0.4 pJ",
+          "DRAM, one 64-bit access 1.3–2.6 nJ"),
+)
+
+TABLES = (HOROWITZ_45NM,)
