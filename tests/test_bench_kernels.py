@@ -307,3 +307,14 @@ def test_a_profiler_that_fails_costs_the_breakdown_not_the_timing(tmp_path, monk
     records, _ = run_suite(device="cpu", quick=True, ops=["mixer_layer"], out=tmp_path)
     assert records and all(r["status"] == "ok" and r["metrics"]["ms_median"] > 0 for r in records)
     assert all("CUPTI unavailable" in r["metrics"]["top_kernels_error"] for r in records)
+
+
+def test_chosen_implementations_alone_are_timed_and_unknown_ones_refused(tmp_path):
+    """--impls ours,sdpa leaves the slow PyTorch forms out (of the op tables and of the layer profile)."""
+    records, _ = run_suite(device="cpu", quick=True, ops=["gla", "mixer_layer"], out=tmp_path, impl_names=["ours", "sdpa"],
+                           log=lambda line: None)
+    assert {r["config"]["impl"] for r in records} == {"ours", "sdpa"}
+    assert {r["config"]["mixer"] for r in records if r["config"]["op"] == "mixer_layer"} == {"attention", "gla"}
+    assert all(r["status"] == "ok" for r in records)
+    with pytest.raises(ValueError, match=r"unknown implementation\(s\) \['triton'\]; the suite has fla, ours, sdpa, torch"):
+        run_suite(device="cpu", quick=True, ops=["gla"], out=tmp_path, impl_names=["triton"])

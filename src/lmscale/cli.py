@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="op mixer_layer: only these comma-separated mixers (default: every registered one)")
     kernels.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                          help="start no measurement after this long; the rest are recorded as skipped")
+    kernels.add_argument("--impls", type=_name_list, default=None,
+                         help="time only these implementations, e.g. ours,fla,sdpa (default: all, PyTorch forms "
+                              "included); the correctness references run either way")
     kernels.set_defaults(func=_cmd_bench_kernels)
 
     bench_train = bench.add_parser("train", help="tokens/s, MFU, peak memory and top kernels of the trainer's step "
@@ -338,7 +341,8 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
     records, path = run_suite(device=args.device, quick=args.quick, ops=args.ops, out=args.out,
                               check_only=args.check_only, seed=args.seed, model_preset=args.model_preset,
-                              mixers=args.mixers, time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+                              mixers=args.mixers, time_limit_s=None if args.time_limit is None else 60 * args.time_limit,
+                              impl_names=args.impls)
     print(format_table(records))
     print(f"written: {path}")
     return 1 if any(r["status"] == "wrong" for r in records) else 0

@@ -129,6 +129,7 @@ class Suite:
     mixer_seq_len: int = 2048
     mixer_tokens: int = 16384
     mixer_names: tuple[str, ...] | None = None  # None: every registered mixer
+    layer_impls: tuple[str, ...] = ("ours", "torch")  # op mixer_layer: the variants timed
     budget: Budget = field(default_factory=Budget)
     max_sets: int = 256  # input sets rotated through (fewer under the interpreter: each call is slow)
     memory_limit: int = 70 * 2**30  # decode sizes needing more are skipped
@@ -651,6 +652,8 @@ class _Run:
                 continue
             for mode in ("fwd", "fwdbwd"):
                 for impl, layer in layers.items():
+                    if impl not in s.layer_impls:
+                        continue
                     layer = layer.to(dtype)
                     config = {"op": "mixer_layer", "impl": impl, "mode": mode, "mixer": name, "B": B, "T": T,
                               "d_model": d_model, "preset": s.mixer_preset,
@@ -873,12 +876,15 @@ def run_suite(
     mixers: Iterable[str] | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] | None = None,
+    impl_names: Iterable[str] | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Run the suite's ``ops`` (all of ``KERNEL_OPS`` by default) and write every record to one file
     ``<out>/<date>-<device>[-quick][-check].jsonl`` (``out`` defaults to ``data/results/kernels``).
     Past ``time_limit_s`` seconds every measurement not yet started is recorded as skipped, so a run
     that must fit a time slot still ends with its table. ``mixers``: op mixer_layer's mixers (default: the
-    suite's). Returns the records and the file."""
+    suite's). ``impl_names`` times only those implementations (e.g. ours, fla, sdpa: without the PyTorch
+    forms, which take 30–460 ms a call at the full sizes, the whole suite fits one device command); the
+    correctness references are computed either way. Returns the records and the file."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no CUDA device; use --device cpu (with --quick)")
@@ -902,7 +908,16 @@ def run_suite(
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}"
     name = f"{stamp}-{device.type}{'-quick' if quick else ''}{'-check' if check_only else ''}.jsonl"
     path = Path(out or results_dir() / EXPERIMENT) / name
-    run = _Run(suite, device, seed, check_only, default_impls() if impls is None else impls,
+    impls = default_impls() if impls is None else impls
+    if impl_names is not None:
+        impl_names = set(impl_names)
+        known = {name for table in impls.values() for name in table} | {"ours", "torch"}
+        if impl_names - known:
+            raise ValueError(f"unknown implementation(s) {sorted(impl_names - known)}; the suite has "
+                             f"{', '.join(sorted(known))}")
+        impls = {op: {name: impl for name, impl in table.items() if name in impl_names} for op, table in impls.items()}
+        suite = replace(suite, layer_impls=tuple(sorted(impl_names & {"ours", "torch"})))
+    run = _Run(suite, device, seed, check_only, impls,
                log or (lambda line: print(line, file=sys.stderr, flush=True)), stamp, path, time_limit_s)
     run.log(f"lmscale bench kernels: {', '.join(ops)} on {_device_name(device)}, {suite.dtype}, "
             f"{'quick' if quick else 'full'}{', check only' if check_only else ''} -> {path}")
