@@ -310,3 +310,21 @@ def test_prefill_computes_only_the_last_logits():
     model, idx = make_model("gla"), random_tokens(T=9)
     with torch.no_grad():
         torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+@pytest.mark.parametrize("options", [{}, {"window": 4, "n_kv_heads": 1}], ids=["full", "window-mqa"])
+def test_static_kv_cache_replays_in_a_cuda_graph_as_the_eager_loop_decodes(options):
+    """On a GPU: the whole Transformer step, static cache included, is one CUDA graph, and it decodes token
+    for token what the eager loop over the growing cache decodes."""
+    dynamic = make_model("attention", options).cuda()
+    static = make_model("attention", {**options, "kv_cache": "static"}).cuda()
+    prompt = random_tokens(T=9).cuda()
+    with torch.no_grad():
+        expected = eager_greedy(dynamic, prompt, 20)
+        step = GraphedStep(static, 2, "cuda", torch.float32)
+        assert step.graphed
+        got = [step.prefill(prompt).argmax(-1)]
+        for _ in range(19):
+            got.append(step(got[-1]).argmax(-1))
+    assert torch.equal(torch.stack(got, dim=1), expected)
