@@ -79,3 +79,21 @@ def test_loss_benchmark_times_each_implementation_and_skips_what_cannot_run_here
     assert by_impl["full"]["status"] == by_impl["chunked"]["status"] == "ok"
     assert by_impl["chunked"]["metrics"]["grad_weight_rel_error"] < 1e-5 and by_impl["chunked"]["metrics"]["ms_median"] > 0
     assert by_impl["liger"]["status"] == "skipped" and "CUDA only" in by_impl["liger"]["error"]
+
+
+def test_counting_out_of_memory_keeps_the_timed_step(tmp_path, monkeypatch):
+    """Mamba's PyTorch chunk scan, which the FLOP counter needs, took 4 GiB more than an H100 had left; the
+    step it timed on the kernels was fine and must not be thrown away with the count."""
+    import torch
+
+    from lmscale.bench import training
+
+    def out_of_memory(point, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    monkeypatch.setattr(training, "counted_flops_per_token", out_of_memory)
+    (record,), _ = run_points([_quick("gla", profile=False)], "cpu", tmp_path, in_process=True, progress=False)
+    m = record["metrics"]
+    assert record["status"] == "ok" and m["tokens_per_second"] > 0
+    assert m["flops_counted_per_token"] is None and m["mfu_counted"] is None
+    assert m["flops_counted_error"].startswith("counting ran out of memory on the PyTorch forms: CUDA out of memory")

@@ -148,7 +148,13 @@ def measure(point: Point, device_name: str) -> dict[str, Any]:
     if point.count_flops:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        counted = counted_flops_per_token(point, device)
+        try:  # the PyTorch forms it counts on may need far more memory than the kernels the step timed
+            counted = counted_flops_per_token(point, device)
+        except torch.cuda.OutOfMemoryError as e:
+            metrics.update({"flops_counted_per_token": None, "mfu_counted": None,
+                            "flops_counted_error": f"counting ran out of memory on the PyTorch forms: "
+                                                   f"{str(e).splitlines()[0]}"})
+            return metrics
         metrics["flops_counted_per_token"] = counted
         peak = metrics["peak_flops"]
         metrics["mfu_counted"] = metrics["tokens_per_second"] * counted / peak if peak else None
