@@ -535,6 +535,7 @@ if have:
 
 # %%
 from lmscale.bench.training import EXPERIMENT as THROUGHPUT
+from lmscale.bench.training import STEP_CODE
 from lmscale.mixers import available
 from lmscale.results import code_changed_since
 
@@ -558,12 +559,13 @@ steps = load_records(THROUGHPUT)
 if not steps.empty:
     steps = steps[steps["device"].astype(str).str.startswith("cuda")]
 # numbers of library code that has changed since are withheld: they describe code that no longer runs
-outdated = {c for c in steps["git_commit"].dropna().unique() if code_changed_since(c)} if not steps.empty else set()
+outdated = ({c for c in steps["git_commit"].dropna().unique() if code_changed_since(c, STEP_CODE)}
+            if not steps.empty else set())
 if outdated:
     withheld = steps[steps["git_commit"].isin(outdated)]
     steps = steps[~steps["git_commit"].isin(outdated)]
     display(Markdown(f"*{len(withheld)} throughput record(s) from commit(s) "
-                     f"{', '.join(sorted(c[:7] for c in outdated))} are not shown: the library has changed since "
+                     f"{', '.join(sorted(c[:7] for c in outdated))} are not shown: the code a training step runs has changed since "
                      "they were measured. `docs/NOTES.md` keeps what they found and what was changed because of "
                      "it; rerunning the benchmarks replaces them.*"))
 train_bench = steps[steps["kind"] == "train-bench"] if not steps.empty else steps
