@@ -249,12 +249,14 @@ def test_state_that_aliases_the_static_buffers(mixer):
 
 @pytest.mark.skipif("impl" not in REGISTRY["gla"].options, reason="GLA has no Triton step yet")
 def test_triton_step_that_updates_the_state_in_place():
-    """GLA's Triton step kernel (through Triton's interpreter here) writes the static state itself."""
+    """GLA's Triton step kernel (through Triton's interpreter on a CPU, in a CUDA graph on a GPU) writes the
+    static state itself, and decodes what the PyTorch step decodes."""
     pytest.importorskip("triton")
-    idx = random_tokens(T=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    idx = random_tokens(T=4).to(device)
     with torch.no_grad():
-        expected = greedy_decode(make_model("gla"), idx, 4)
-        assert torch.equal(greedy_decode(make_model("gla", {"impl": "triton"}), idx, 4), expected)
+        expected = greedy_decode(make_model("gla", {"impl": "torch"}).to(device), idx, 4)
+        assert torch.equal(greedy_decode(make_model("gla", {"impl": "triton"}).to(device), idx, 4), expected)
 
 
 @dataclasses.dataclass(frozen=True)
