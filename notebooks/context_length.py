@@ -100,7 +100,7 @@ Markdown(
 def position_chart(frame: pd.DataFrame) -> alt.FacetChart:
     base = alt.Chart(frame).mark_line().encode(
         x=alt.X("position:Q", scale=alt.Scale(type="log"), title="position in the window",
-                axis=alt.Axis(format="~s")),
+                axis=plots.tokens_axis()),
         y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="mean loss (nats)"),
         color="model:N", tooltip=["model", "train_len", "start", "end", "loss"])
     rule = alt.Chart(frame).mark_rule(strokeDash=[4, 4], color="gray").encode(x="train_len:Q")

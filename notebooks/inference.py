@@ -171,7 +171,8 @@ def latency_chart(frame: pd.DataFrame, dtype: str) -> alt.FacetChart:
     decode = frame[(frame["phase"] == "decode") & (frame["dtype"] == dtype)].copy()
     decode["panel"] = decode["preset"] + ", batch " + decode["batch_size"].astype(str)
     return alt.Chart(decode).mark_line(point=True).encode(
-        x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)", axis=alt.Axis(format="~s")),
+        x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)",
+                axis=plots.tokens_axis(decode["length"])),
         y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="ms per step"),
         color=alt.Color("mixer:N"), tooltip=["mixer", "preset", "batch_size", "length", "ms", "predicted_ms", "decode_path"],
     ).properties(width=230, height=190).facet(facet=alt.Facet("panel:N", title=None), columns=2)
@@ -214,7 +215,8 @@ if not shown.empty:
                                                "state_bytes_allocated": "allocated"})
     memory = memory[(memory["batch_size"] == 1) & (memory["dtype"] == dtype)]
     display(alt.Chart(memory).mark_line(point=True).encode(
-        x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)", axis=alt.Axis(format="~s")),
+        x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)",
+                axis=plots.tokens_axis(memory["length"])),
         y=alt.Y("state:Q", scale=alt.Scale(type="log"), title="state bytes, batch 1", axis=alt.Axis(format="~s")),
         color="mixer:N", strokeDash="counted:N", tooltip=["mixer", "preset", "length", "counted", "state"],
     ).properties(width=300, height=220).facet(column=alt.Column("preset:N", title=None)))

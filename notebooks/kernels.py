@@ -198,7 +198,7 @@ if have and measured_ceilings:
 if have:
     train = ok[ok["op"].isin([*GATES])]
     base = alt.Chart(train).encode(
-        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T"),
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T", axis=plots.tokens_axis()),
         color=alt.Color("impl:N", title="implementation"),
     )
     lines = base.mark_line(point=True).encode(
@@ -233,7 +233,7 @@ delta_ops = ["delta_rule", "gated_delta_rule"]
 delta = ok[ok["op"].isin(delta_ops)] if have else ok
 if len(delta):
     display(alt.Chart(delta).mark_line(point=True).encode(
-        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T"),
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="sequence length T", axis=plots.tokens_axis()),
         y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="ms per batch"),
         color=alt.Color("impl:N", title="implementation"),
         tooltip=["op", "impl", "mode", "T", "B", "ms", "tflops", "max_rel_err"],
@@ -298,7 +298,8 @@ if have:
     decode = ok[ok["op"] == "step"].copy()
     decode["variant"] = decode["impl"] + decode["graphed"].map({True: " (graph)", False: " (eager)"})
     attention = alt.Chart().transform_filter("datum.impl == 'sdpa'").mark_line(point=True).encode(
-        x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="KV-cache length L (tokens)"),
+        x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="KV-cache length L (tokens)",
+                  axis=plots.tokens_axis()),
         y=alt.Y("us:Q", scale=alt.Scale(type="log"), title="µs per step"),
         color=alt.Color("variant:N", title="step"), tooltip=["variant", "B", "context", "us"])
     recurrent = alt.Chart().transform_filter("datum.impl != 'sdpa'").mark_rule(strokeDash=[5, 3]).encode(

@@ -438,7 +438,7 @@ memory = pd.concat(
 memory["model state (MiB)"] = memory["state_bytes"] * WIDTH["n_layers"] / 2**20
 alt.Chart(memory).mark_line(point=True).encode(
     x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="context length (tokens)",
-            axis=alt.Axis(values=[4**p for p in range(4, 11)], format="~s")),
+            axis=plots.tokens_axis([4**p for p in range(4, 11)])),
     y=alt.Y("model state (MiB):Q", scale=alt.Scale(type="log"), title="decoding state of one sequence (MiB)"),
     color=alt.Color("name:N", title="mixer"),
     tooltip=["name", "context", alt.Tooltip("model state (MiB):Q", format=".2f")],

@@ -25,7 +25,8 @@ def _theme() -> dict[str, Any]:
             "font": "DejaVu Sans, Helvetica, Arial, sans-serif",
             "range": {"category": PALETTE},
             "axis": {"labelFontSize": 12, "titleFontSize": 13, "grid": True, "gridOpacity": 0.4},
-            "legend": {"labelFontSize": 12, "titleFontSize": 12},
+            "legend": {"labelFontSize": 12, "titleFontSize": 12, "labelLimit": 320},
+            "header": {"labelFontSize": 13, "titleFontSize": 13},  # facet labels, 10 px by default
             "title": {"fontSize": 14, "anchor": "start"},
         }
     }
@@ -36,6 +37,19 @@ def setup() -> None:
     alt.theme.register("lmscale", enable=True)(_theme)
     alt.renderers.enable("svg")
     alt.data_transformers.disable_max_rows()
+
+
+# Vega expression: token counts as 1K, 256K, 1M (powers of two read as the binary prefixes people say)
+TOKENS_LABEL = ("datum.value >= 1048576 ? format(datum.value / 1048576, '~g') + 'M' : "
+                "datum.value >= 1024 ? format(datum.value / 1024, '~g') + 'K' : format(datum.value, '~g')")
+
+
+def tokens_axis(values=None, **kwargs: Any) -> alt.Axis:
+    """An axis of token counts labelled 1K, 8K, 256K (d3's "~s" would say 1.024k, 262.144k); ``values``
+    puts a tick on every measured point."""
+    if values is not None:
+        kwargs["values"] = sorted({int(v) for v in values})
+    return alt.Axis(labelExpr=TOKENS_LABEL, **kwargs)
 
 
 def provenance_caption(records) -> str:
