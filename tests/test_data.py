@@ -438,6 +438,7 @@ def test_manifest_records_sources_splits_tokenizer_and_dedupe(corpus):
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
     )
     assert manifest["tokenizer"]["eos_id"] == 50256 and manifest["dtype"] == "uint16"
+    assert all(len(info["sha256"]) == 64 for info in manifest["splits"].values())
     for key in ("created", "lmscale_version", "fingerprint", "split_rule"):
         assert manifest[key]
     ids = [d["id"] for d in manifest["documents"]]
@@ -487,6 +488,19 @@ def test_damaged_split_is_detected_and_rebuilt(corpus, tmp_path):
     assert rebuilt["created"] >= corpus["manifest"]["created"]
     assert len(load_split(out, "validation")) == rebuilt["splits"]["validation"]["tokens"]
     assert rebuilt["splits"] == corpus["manifest"]["splits"]
+
+
+def test_a_flipped_bit_in_a_split_is_caught_by_its_checksum_and_rebuilt(corpus, tmp_path):
+    """Same size, one bit changed: only the manifest's sha256 sees it; prepare then rebuilds the split."""
+    out = tmp_path / "out"
+    shutil.copytree(corpus["out"], out)
+    data = bytearray((out / "train.bin").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "train.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train\.bin does not match the sha256 manifest\.json records for it"):
+        load_split(out, "train")
+    rebuilt = prepare_corpus(out, corpus["cache"], sources=corpus["sources"])
+    assert rebuilt["splits"] == corpus["manifest"]["splits"] and len(load_split(out, "train")) > 0
 
 
 def test_missing_corpus_error_names_the_file_and_the_fix(tmp_path):

@@ -128,3 +128,24 @@ def test_code_changed_since_tells_current_numbers_from_outdated_ones():
                            check=True).stdout.split()[0]
     if first != head:  # a shallow clone has one commit only
         assert code_changed_since(first) is True  # the library has changed since the first commit
+
+
+def test_a_changed_byte_in_a_record_is_caught_by_its_checksum(tmp_path):
+    """A flipped digit still parses as JSON and passes every field check; only the checksum sees it."""
+    record = _record()
+    path = write_record(record, tmp_path)
+    line = path.read_text()
+    assert '"checksum": "blake2b:' in line
+    assert read_records(path) == [json.loads(json.dumps(record))]  # verified; the checksum is not shown
+    flipped = line.replace('"val_loss": 1.5', '"val_loss": 1.4')
+    assert flipped != line
+    path.write_text(flipped)
+    with pytest.raises(RecordError, match=rf"{path.name}:1: the record's checksum does not match its content"):
+        read_records(path)
+
+
+def test_records_written_before_checksums_still_read(tmp_path):
+    record = _record()
+    path = tmp_path / "legacy.jsonl"
+    path.write_text(json.dumps(record, sort_keys=True) + "\n")
+    assert read_records(path) == [json.loads(json.dumps(record))]

@@ -9,6 +9,7 @@ an error naming it instead of silently dropping a run.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -194,11 +195,25 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
+CHECKSUM = "checksum"  # BLAKE2b of the line's other fields; read_records verifies and removes it
+
+
+def _canonical(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=False)
+
+
+def _record_line(record: dict[str, Any]) -> str:
+    """A record as its file line, with the checksum that lets a reader detect a changed byte."""
+    body = {k: v for k, v in record.items() if k != CHECKSUM}
+    digest = hashlib.blake2b(_canonical(body).encode(), digest_size=16).hexdigest()
+    return _canonical({**body, CHECKSUM: f"blake2b:{digest}"})
+
+
 def write_record(record: dict[str, Any], root: Path | None = None) -> Path:
     """Write ``<root>/<experiment>/<run_id>.jsonl`` atomically (temp file, then rename)."""
     validate_record(record, f"record {record.get('run_id')!r}")
     path = Path(root or results_dir()) / record["experiment"] / f"{record['run_id']}.jsonl"
-    return _write_atomically(path, json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+    return _write_atomically(path, _record_line(record) + "\n")
 
 
 def write_records(records: list[dict[str, Any]], path: Path) -> Path:
@@ -210,8 +225,7 @@ def write_records(records: list[dict[str, Any]], path: Path) -> Path:
     path = Path(path)
     if path.suffix != ".jsonl":
         raise RecordError(f"{path}: a record file must end in .jsonl (read_records and load_records look for it)")
-    lines = [json.dumps(validate_record(r, f"{path} record {i}"), sort_keys=True, allow_nan=False)
-             for i, r in enumerate(records, 1)]
+    lines = [_record_line(validate_record(r, f"{path} record {i}")) for i, r in enumerate(records, 1)]
     return _write_atomically(path, "".join(line + "\n" for line in lines))
 
 
@@ -248,8 +262,20 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise RecordError(
                 f"{path}:{number}: malformed result record ({e.msg}); fix or delete the file and rerun the run"
             ) from e
-        records.append(validate_record(record, f"{path}:{number}"))
+        records.append(_verified(validate_record(record, f"{path}:{number}"), f"{path}:{number}"))
     return records
+
+
+def _verified(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """The record without its checksum, after checking it (records written before checksums have none)."""
+    if CHECKSUM not in record:
+        return record
+    body = {k: v for k, v in record.items() if k != CHECKSUM}
+    if _record_line(body) != _canonical(record):
+        raise RecordError(f"{where}: the record's checksum does not match its content: the line changed after "
+                          "it was written (a flipped bit, a truncated copy or a hand edit); restore the file from "
+                          "git (`git checkout -- <file>`) or delete it and rerun the run")
+    return body
 
 
 def iter_records(experiment: str | None = None, root: Path | None = None) -> Iterable[dict[str, Any]]:
