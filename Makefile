@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: book test test-slow setup data browser lint clean
+.PHONY: book test test-slow test-gpu setup data browser lint clean
 
 # Execution is cached per notebook source. New result records or a changed library also invalidate
 # the cache, so that chapters pick up runs made since the last build and never show stale numbers.
@@ -30,6 +30,15 @@ test: book browser
 # the crash-consistency suite: SIGKILL at random moments, then resume (minutes; not part of make test)
 test-slow: setup data
 	$(BIN)/python -m pytest -q -s -m crash
+
+# On a GPU machine, with its own torch (no venv, no network): the kernel, loss and decoding tests that the
+# CPU runs in Triton's interpreter or skips (bf16, CUDA graphs), and a pass/fail record of the run in
+# data/results/gpu-tests/ (pass --git-commit's SHA as LMSCALE_GIT_COMMIT where the tree has no .git).
+GPU_TESTS := tests/test_triton_chunk.py tests/test_triton_cumulative_softmax.py tests/test_triton_delta_rule.py \
+	tests/test_triton_scan_complex.py tests/test_triton_selective_scan.py tests/test_triton_step.py \
+	tests/test_loss.py tests/test_decode.py
+test-gpu:
+	LMSCALE_TEST_RECORD=data/results/gpu-tests PYTHONPATH=src $(PYTHON) -m pytest -q $(GPU_TESTS)
 
 setup: $(STAMP)
 

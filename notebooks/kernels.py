@@ -691,6 +691,27 @@ def one_line(error: str, limit: int = 110) -> str:
 
 
 # %% [markdown]
+# ## The kernel tests on a GPU
+#
+# On the CPU the tests run the Triton kernels in Triton's interpreter and skip the bf16 paths and the
+# CUDA graphs; `make test-gpu` runs the same test files on a GPU and writes a pass/fail record
+# (`data/results/gpu-tests/`). The newest record, per test file, with the commit it tested:
+
+# %%
+gpu_tests = load_records("gpu-tests")
+if gpu_tests.empty:
+    display(Markdown("*No `make test-gpu` record is committed yet.*"))
+else:
+    newest = gpu_tests.sort_values("date").iloc[-1]
+    per_file = pd.DataFrame([{"test file": name, **counts, "commit": str(newest["git_commit"])[:10]}
+                             for name, counts in newest["metrics.by_file"].items()])
+    display(plots.table(per_file[["test file", "passed", "failed", "skipped", "commit"]], "gpu_tests", code=("commit",)))
+    failed = newest.get("failed_tests") or []
+    display(Markdown(f"*{newest['hardware']}, {newest['date'][:10]}; "
+                     + (f"failed: {', '.join(f'`{t}`' for t in failed)}.*" if failed else "no test failed.*")))
+
+
+# %% [markdown]
 # ## Correctness of every timed number
 #
 # The largest relative error any implementation showed against the float32 reference at any size (the
