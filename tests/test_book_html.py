@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 # Chapters that must show at least one chart.
 CHART_PAGES = ["notebooks/literature_review.html", "notebooks/toolkit.html", "notebooks/corpus.html", "notebooks/compare_mixers.html",
-               "notebooks/kernels.html"]
+               "notebooks/gpu_kernels.html"]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -205,6 +205,16 @@ class LmscaleForCausalLM(PreTrainedModel, GenerationMixin):
         """Nothing: LanguageModel initialises itself when built (GPT-2 init, plus the paper-prescribed init
         of the parameters mixers mark ``_no_reinit``), which transformers' generic init would overwrite."""
 
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        """The token embedding (tied with the head): what peft and resize_token_embeddings look for."""
+        return self.lm.embed
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.lm.embed = value
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.lm.head
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """``generate`` must not build a DynamicCache (KV tensors only): ``forward`` builds an LmscaleCache."""
