@@ -262,7 +262,7 @@ live_grid = inference.points(["attention", "gla"], ["tiny"], ["float32"], [128],
                              decode_tokens=4, repeats=2)
 live_records, _ = inference.run_points(live_grid, "cpu", results_dir() / cpu_experiment, force=True, progress=False)
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 live = inference.frame(live_records)
 display(plots.table(live[["mixer", "phase", "length", "batch_size", "ms", "predicted_ms", "ratio", "bound"]],
                     "inference-live", formats={"ms": "{:.2f}", "predicted_ms": "{:.3f}", "ratio": "{:.1f}×"}))

@@ -178,7 +178,7 @@ def measured_ceilings(device, dtype) -> dict[str, float]:
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    budget = Budget(warmup_ms=200.0, rep_ms=1000.0 if device.type == "cuda" else 2000.0, min_reps=5)
+    budget = Budget(warmup_ms=100.0, rep_ms=1000.0 if device.type == "cuda" else 500.0, min_reps=5)
     matmul_ms = time_calls([lambda: a @ b], device, budget).ms_median
     elements = (1 << 28) if device.type == "cuda" else (1 << 25)  # 512 MiB / 64 MiB of bf16 per buffer
     src = torch.empty(elements, device=device, dtype=torch.bfloat16).fill_(1.0)
