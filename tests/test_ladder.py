@@ -8,6 +8,7 @@ import pytest
 from lmscale.config import ModelConfig, TrainConfig
 from lmscale.ladder import (
     best_lr,
+    ladder_lr,
     fit_ladders,
     gaps_to_reference,
     ladder_table,
@@ -87,3 +88,19 @@ def test_gaps_best_lr_and_seed_spread(tmp_path):
     spread = seed_spread(table[table["lr"] == 3e-3])
     assert spread[["model", "d_model", "seeds"]].values.tolist() == [["gla", 64, 2]]
     assert spread["std over seeds"].iloc[0] == pytest.approx(0.02 / math.sqrt(2))
+
+
+def test_the_ladders_rate_is_the_best_mean_among_rates_that_finished_everywhere(tmp_path):
+    for mixer, d, base in (("attention", 64, 5.0), ("attention", 96, 4.8), ("gla", 64, 5.1), ("gla", 96, 4.9)):
+        _write(tmp_path, mixer, d, base + 0.3, lr=1e-3)
+        _write(tmp_path, mixer, d, base, lr=2e-3)
+        _write(tmp_path, mixer, d, base - 0.2 if mixer == "gla" else base + 0.1, lr=4e-3)
+    # 8e-3 is best where it ran, but diverged at one point: not eligible
+    for mixer, d in (("attention", 64), ("attention", 96), ("gla", 64)):
+        _write(tmp_path, mixer, d, 3.0, lr=8e-3)
+    _write(tmp_path, "gla", 96, math.nan, lr=8e-3, status="error")
+    table = ladder_table(load_records("ladder", tmp_path), UNIQUE)
+    assert ladder_lr(table) == 4e-3  # mean offset −0.05 against 2e-3's 0
+    with pytest.raises(ValueError, match="no learning rate finished"):
+        ladder_lr(table[(table["lr"] == 1e-3) & (table["model"] == "gla")
+                        | (table["lr"] == 2e-3) & (table["model"] == "attention")])

@@ -111,6 +111,20 @@ def best_lr(table, loss: str = "val_loss"):
     return means.loc[means.groupby(["model", "d_model"])[loss].idxmin()].reset_index(drop=True)
 
 
+def ladder_lr(table, loss: str = "val_loss") -> float:
+    """The one learning rate of the whole ladder, by the rule fixed before the grid ran: among the rates
+    that finished at every (model, size) point of ``table``, the one with the lowest mean ``loss``.
+    A rate that diverged anywhere (no finished run, or a non-finite loss) is not eligible."""
+    import numpy as np
+
+    grid = table.pivot_table(index=["model", "d_model"], columns="lr", values=loss, aggfunc="mean")
+    finished = grid.loc[:, grid.notna().all() & np.isfinite(grid).all()]
+    if finished.empty:
+        raise ValueError(f"no learning rate finished at every point of the grid ({len(table)} runs): "
+                         "rerun the learning-rate sweep before choosing the ladder's rate")
+    return float(finished.mean().idxmin())
+
+
 def fit_ladders(table, loss: str = "test_loss", *, n_boot: int = 1000, level: float = 0.95):
     """Per model, L(N) = E + A·N^(−α) over its sizes (seeds averaged), with bootstrap intervals.
 
