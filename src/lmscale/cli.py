@@ -154,6 +154,20 @@ def _cmd_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_precision(args: argparse.Namespace) -> int:
+    from lmscale.precision import precision_and_record
+
+    path, metrics = precision_and_record(args.checkpoint, device=args.device, eval_batches=args.eval_batches,
+                                         batch_size=args.batch_size, decode_windows=args.decode_windows,
+                                         decode_len=args.decode_len, experiment=args.experiment, run_id=args.run_id)
+    for name, result in metrics.items():
+        if isinstance(result, dict):
+            loss = result.get("loss")
+            print(f"{name:>14}: " + (f"{loss:.4f}" if loss is not None else f"not supported ({result['not_supported']})"))
+    print(f"record: {path}")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Exit status 1 when any run failed, so scripts notice; its error record says why."""
     from lmscale.sweep import format_summary, load_spec, run_sweep
@@ -211,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_dataclass_args(recall, RecallConfig, {"mixer_options"})
     recall.set_defaults(func=_cmd_recall)
+
+    precision = sub.add_parser("precision", help="a trained checkpoint's validation loss under int8, int4 and "
+                                                 "ternary weights and with its decode state in 8 and 4 bits, and the "
+                                                 "sparsity of its activations and state updates (issue 17)")
+    precision.add_argument("checkpoint", type=Path, help="a trainer checkpoint (out_dir/checkpoint.pt)")
+    precision.add_argument("--device", default="cpu")
+    precision.add_argument("--eval-batches", type=int, default=16)
+    precision.add_argument("--batch-size", type=int, default=16)
+    precision.add_argument("--decode-windows", type=int, default=8, help="windows decoded token by token")
+    precision.add_argument("--decode-len", type=int, default=256)
+    precision.add_argument("--experiment", default="neuromorphic", help="records go to data/results/<experiment>/")
+    precision.add_argument("--run-id", default=None)
+    precision.set_defaults(func=_cmd_precision)
 
     sweep = sub.add_parser("sweep", help="train every point of a YAML spec's grid, each in its own process; "
                                          "runs with an ok record are skipped, failed ones retried")

@@ -164,6 +164,7 @@ class ModelConfig:
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")  # auto: ddp under torchrun (WORLD_SIZE > 1), else none
 AUTOCAST_MODES = ("auto", "bf16", "off")  # auto: bf16 on CUDA, off elsewhere
 SCHEDULES = ("cosine", "wsd")
+QUANTIZE_SCHEMES = ("int8", "w4", "ternary")  # lmscale.quantize.SCHEMES: quantisation-aware training
 LOSS_IMPLS = ("auto", "chunked", "liger", "full")  # lmscale.loss.LOSS_IMPLS, kept here so config imports no torch
 
 
@@ -206,6 +207,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tensorboard (if installed)
     loss_impl: str = "auto"  # the head's loss without full logits: auto | chunked | liger | full (lmscale.loss)
     activation_checkpointing: bool = False  # keep each block's input only; recompute the block in the backward
+    quantize: str = ""  # train through a fake-quantised scheme of lmscale.quantize (e.g. ternary: BitNet b1.58)
     # after training: the loss over whole corpus splits (e.g. validation, test, test_ood) in consecutive
     # seq_len windows, and the loss by position in windows of these lengths inside single test documents
     final_eval: list[str] | None = None
@@ -255,6 +257,8 @@ class TrainConfig:
             raise ConfigError("early_stopping_min_delta", self.early_stopping_min_delta, "must be non-negative")
         if not (self.device in ("cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError("device", self.device, "must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.quantize not in ("", *QUANTIZE_SCHEMES):
+            raise ConfigError("quantize", self.quantize, f"must be empty (float) or one of {', '.join(QUANTIZE_SCHEMES)}")
         for name, choices in (("autocast", AUTOCAST_MODES), ("parallel", PARALLEL_MODES), ("loss_impl", LOSS_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")

@@ -431,7 +431,8 @@ def _named_tensors(prefix: str, tree: Any) -> Iterator[tuple[str, torch.Tensor]]
 # changes one would continue another run. The others (steps, evaluation, logging, checkpointing, device,
 # compile, processes, the loss implementation) may change between the parts of a run; the record lists it.
 TRAJECTORY_FIELDS = ("seed", "batch_size", "seq_len", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                     "schedule", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip", "autocast")
+                     "schedule", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip", "autocast",
+                     "quantize")
 
 
 def resume_changes(saved: dict[str, Any], cfg: TrainConfig, checkpoint: Path, step: int) -> dict[str, dict[str, Any]]:
@@ -518,11 +519,18 @@ def build_training(model_cfg: ModelConfig, cfg: TrainConfig, world: World,
 
     ``activation_checkpointing`` keeps only each block's input for the backward, which recomputes the
     block: about one more forward of compute for activations of one [B, T, D] tensor per layer.
+    ``quantize`` swaps the blocks' linear layers for fake-quantised ones (``lmscale.quantize``) before
+    anything else, so checkpoints hold the float master weights under their usual names.
     ``compile`` compiles each block in place, as torchtitan does: the blocks of one mixer share one
     compiled graph, so a 24-layer model compiles about as fast as one layer, and the state dict keeps its
     plain names. The embedding and the head's fused loss stay outside the graphs.
     """
-    raw = LanguageModel(model_cfg).to(device)
+    raw = LanguageModel(model_cfg)
+    if cfg.quantize:  # quantisation-aware: the forward sees the quantised weights, the update the float ones
+        from lmscale.quantize import quantize_model
+
+        quantize_model(raw, cfg.quantize)
+    raw = raw.to(device)
     raw.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.compile:
         for block in raw.blocks:
