@@ -8,9 +8,9 @@ import pytest
 from lmscale.config import ModelConfig, TrainConfig
 from lmscale.ladder import (
     best_lr,
-    ladder_lr,
     fit_ladders,
     gaps_to_reference,
+    ladder_lr,
     ladder_table,
     regime,
     seed_spread,

@@ -173,11 +173,13 @@ def precision_study(model: LanguageModel, batches: list[tuple[Tensor, Tensor]],
 
 def precision_and_record(checkpoint: Path, *, device: str = "cpu", eval_batches: int = 16, batch_size: int = 16,
                          decode_windows: int = 8, decode_len: int = 256, experiment: str = "neuromorphic",
-                         run_id: str | None = None, results_root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+                         run_id: str | None = None, results_root: Path | None = None,
+                         data: Any = None) -> tuple[Path, dict[str, Any]]:
     """Run ``precision_study`` on a checkpoint over fixed validation windows and write its record.
 
     The parallel-form losses use ``eval_batches`` batches of ``batch_size`` windows at the trained
     sequence length; decoding, token by token, uses ``decode_windows`` windows of ``decode_len``.
+    ``data``: a ``TokenData`` (default: the prepared corpus).
     """
     from lmscale.results import make_record, require_commit, write_record
     from lmscale.train import TokenData, check_device, eval_windows
@@ -186,7 +188,7 @@ def precision_and_record(checkpoint: Path, *, device: str = "cpu", eval_batches:
     require_commit(device)  # before any work: a GPU record without a commit would be refused at the end
     torch_device = torch.device(device)
     model, train_cfg = load_trained(Path(checkpoint), torch_device)
-    data = TokenData.from_corpus()
+    data = data or TokenData.from_corpus()
     tokens = data.split("validation")
     batches = eval_windows(tokens, eval_batches, batch_size, train_cfg.seq_len)
     decode = eval_windows(tokens, 1, decode_windows, decode_len)

@@ -47,13 +47,13 @@ _COMPARE = {"relu", "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "ma
             "logical_or", "logical_not", "bitwise_and", "bitwise_not", "bitwise_or", "isnan", "isinf", "sort"}
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "linear"}
 # moving, viewing or making data: no arithmetic
-_MEMORY = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "clone", "copy", "copy_",
+_MEMORY = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "clone", "copy",
            "_to_copy", "cat", "stack", "index_select", "embedding", "slice", "select", "unsqueeze", "squeeze",
            "zeros", "zeros_like", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "fill",
            "zero", "detach", "index_copy", "split", "split_with_sizes", "chunk",
            "alias", "new_zeros", "new_ones", "ones", "ones_like", "full", "full_like", "arange", "unbind", "flip",
            "roll", "narrow", "as_strided", "lift_fresh", "lift_fresh_copy", "scalar_tensor", "index", "gather",
-           "repeat", "tril", "triu", "_unsafe_index", "constant_pad_nd", "pad", "unfold", "contiguous", "clone",
+           "repeat", "tril", "triu", "_unsafe_index", "constant_pad_nd", "pad", "unfold", "contiguous",
            "select_scatter", "slice_scatter", "scatter", "index_put", "masked_select", "diagonal",
            "_local_scalar_dense", "item", "set", "resize",
            "view_as_real", "view_as_complex", "_reshape_alias", "expand_as", "flatten",
@@ -90,7 +90,7 @@ def _sdpa_counts(args: tuple) -> Counter:
 
 
 def _conv_macs(args: tuple, out: torch.Tensor) -> int:
-    weight, groups = args[1], args[8] if len(args) > 8 else 1
+    weight = args[1]  # [out channels, in channels per group, *kernel]
     return out.numel() * (weight.shape[1] * math.prod(weight.shape[2:]))  # in-channels per group × kernel
 
 
@@ -109,7 +109,7 @@ class OpCounter(TorchDispatchMode):
         if self.muted:
             return out
         name = func.overloadpacket.__name__
-        name = name[:-1] if name.endswith("_") else name  # an in-place op counts as its out-of-place twin
+        name = name.removesuffix("_")  # an in-place op counts as its out-of-place twin
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         counts = self.counts.setdefault(self.part, Counter())
         if name in _MEMORY:
