@@ -128,7 +128,8 @@ def recall_case() -> str:
 
 
 def neuromorphic_case() -> str:
-    return (f"{NOT_YET} No neuromorphic records (operation mix, precision, sparsity): no recommendation yet."
+    return (f"{NOT_YET} The operation mix and the on-chip fit are computed from the code in the neuromorphic "
+            "chapter; precision and sparsity of trained models have no records yet, so no recommendation."
             if gpu_counts["neuromorphic"] == 0 and load_records("neuromorphic").empty else
             "See the neuromorphic chapter.")
 

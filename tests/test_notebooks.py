@@ -25,7 +25,7 @@ from jupyter_cache import get_cache
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
 BOOK_NOTEBOOKS = ["literature_review", "toolkit", "corpus", "compare_mixers", "gpu_kernels", "scaling", "context_length", "recall",
-                  "inference", "conclusions"]
+                  "inference", "neuromorphic", "conclusions"]
 
 
 def _env(results: Path) -> dict[str, str]:

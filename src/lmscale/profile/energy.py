@@ -51,3 +51,36 @@ HOROWITZ_45NM = EnergyTable(
 )
 
 TABLES = (HOROWITZ_45NM,)
+
+
+@dataclass(frozen=True)
+class IntegerTable:
+    """Picojoules per integer operation and per byte of on-chip SRAM read: what a chip that keeps
+    weights and state beside its cores (NorthPole, Loihi 2, SpiNNaker 2) pays instead of DRAM."""
+
+    name: str
+    citation: str
+    pj_multiply: float  # one 8-bit integer multiply
+    pj_accumulate: float  # one 32-bit integer add: products are summed in a wide accumulator
+    pj_sram_byte: float
+    rows: tuple[str, ...]
+
+
+HOROWITZ_45NM_INT8 = IntegerTable(
+    name="Horowitz 2014, 45 nm, int8 operands",
+    citation="horowitz2014energy",
+    pj_multiply=0.2,
+    pj_accumulate=0.1,
+    pj_sram_byte=10 / 8,
+    rows=("8-bit integer multiply 0.2 pJ", "32-bit integer add 0.1 pJ",
+          "SRAM (8 KB array), one 64-bit read 10 pJ"),
+)
+
+
+def chip_energy(mac: float, multiply: float, add: float, sram_bytes: float, table: IntegerTable = HOROWITZ_45NM_INT8
+                ) -> float:
+    """Joules for a token's multiply–accumulates, element-wise products and additions in int8 with wide
+    accumulators, and its SRAM reads. Exp, division and the like are not priced: the table has no such
+    row, so the result is a lower bound for a mixer that needs them."""
+    pj = mac * (table.pj_multiply + table.pj_accumulate) + multiply * table.pj_multiply + add * table.pj_accumulate
+    return 1e-12 * (pj + sram_bytes * table.pj_sram_byte)

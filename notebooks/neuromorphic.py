@@ -1,0 +1,257 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Neuromorphic suitability: state, operations, precision and sparsity
+#
+# Neuromorphic chips (Loihi 2, SpiNNaker 2) and dataflow chips built on the same ideas (NorthPole) keep
+# weights and state in memory beside their cores, compute in integers, and spend energy per event rather
+# than per clock. Whether a language model suits them comes down to four questions, each answered here
+# with numbers:
+#
+# 1. Do its weights and decode state fit on one chip, or on how many?
+# 2. Which operations does a token need: multiply–accumulates, element-wise products and additions, which
+#    such chips do in hardware, or exponentials, divisions and normalisations, which they do slowly?
+# 3. Does it survive low precision: int8 and int4 weights, ternary weights, a state held in 8 or 4 bits?
+# 4. How sparse are its activations and its state updates, the events an event-driven chip would send?
+#
+# Questions 1 and 2 are answered from the code itself: the models are built on PyTorch's meta device
+# (shapes without memory) and one decoding step is traced operation by operation, so this chapter
+# computes them live at every size. Questions 3 and 4 need trained models and come from result records
+# (`lmscale precision`). What was found comes first; how, after.
+
+# %% tags=["parameters"]
+experiment = "neuromorphic"  # lmscale precision records
+op_mix_preset = "125M"  # the size of the operation-mix table
+context_len = 2048  # tokens of context before the traced decoding step
+fit_presets = ["11M", "50M", "125M", "350M", "1.3B"]
+weight_bits = 8  # weights on chip (NorthPole and Loihi 2 compute in 8 bits or fewer)
+state_bits = 16  # the state on chip; the precision section measures what 8 and 4 bits cost
+
+# %% tags=["hide-input"]
+import altair as alt
+import pandas as pd
+from IPython.display import Markdown, display
+
+from lmscale import plots
+from lmscale.profile.chips import CHIPS, fit_table
+from lmscale.profile.energy import HOROWITZ_45NM_INT8, chip_energy
+from lmscale.profile.opmix import KIND_MEANING, KINDS, op_mix_table
+from lmscale.results import load_records
+
+plots.setup()
+ops = op_mix_table(op_mix_preset, context_len)
+sizes = pd.concat([op_mix_table(p, context_len, trace=False) for p in fit_presets], ignore_index=True)
+fit = fit_table(sizes, weight_bits=weight_bits, state_bits=state_bits)
+records = load_records(experiment)
+precision = records[records["status"] == "ok"] if not records.empty else records
+
+
+# %% tags=["hide-input"]
+def per_token(frame: pd.DataFrame) -> pd.DataFrame:
+    """The traced operation mix of the whole model, per token, with the nonlinear share of the mixers'."""
+    out = pd.DataFrame({"mixer": frame["mixer"]})
+    for kind in KINDS:
+        out[kind] = frame[f"model_{kind}"]
+    out["mixer nonlinear / mixer ops"] = frame["mixer_nonlinear_share"]
+    out["state (MiB)"] = frame["state_bytes"] / 2**20
+    return out
+
+
+def one_chip_sizes() -> pd.DataFrame:
+    """For each mixer and chip, the largest of the sizes shown that fits on one chip."""
+    rows = []
+    for (mixer, chip), group in fit.groupby(["mixer", "chip"], sort=True):
+        fitting = group[group["chips_needed"] <= 1]
+        largest = fitting.loc[fitting["chips_needed"].idxmax(), "preset"] if not fitting.empty else "none shown"
+        rows.append({"mixer": mixer, "chip": chip, "largest on one chip": largest})
+    return pd.DataFrame(rows).pivot(index="mixer", columns="chip", values="largest on one chip").reset_index()
+
+
+def findings() -> str:
+    mix = per_token(ops).set_index("mixer")
+    worst = mix["mixer nonlinear / mixer ops"].idxmax()
+    least = mix["mixer nonlinear / mixer ops"].idxmin()
+    at = fit[(fit["preset"] == op_mix_preset)].set_index(["mixer", "chip"])["chips_needed"]
+    loihi = at.xs("Loihi 2", level="chip")
+    parts = [
+        f"**Operations ({op_mix_preset}, one token after {context_len:,} of context, traced).** Multiply–accumulates "
+        f"dominate every model ({mix['mac'].min() / 1e6:.0f}–{mix['mac'].max() / 1e6:.0f} M per token, mostly the "
+        f"MLPs and the head). Inside the mixers, nonlinear operations (exp, division, square roots, sigmoids) are "
+        f"{mix.loc[least, 'mixer nonlinear / mixer ops']:.2%} of the work for {least} and "
+        f"{mix.loc[worst, 'mixer nonlinear / mixer ops']:.2%} for {worst}, the most.",
+        f"**On-chip fit ({op_mix_preset}, weights in {weight_bits} bits, state in {state_bits} bits).** "
+        + "; ".join(f"{chip}: attention needs {at[('attention', chip)]:.1f} chips, gla {at[('gla', chip)]:.1f}"
+                    for chip in [c.name for c in CHIPS])
+        + f". On Loihi 2 every state value takes a neuron: with attention's {context_len:,}-token KV cache the model "
+          f"needs {loihi['attention']:.0f} chips, the others {loihi.drop('attention').min():.1f} "
+          f"({loihi.drop('attention').idxmin()}) to {loihi.drop('attention').max():.1f} "
+          f"({loihi.drop('attention').idxmax()}).",
+    ]
+    if precision.empty:
+        parts.append("**Precision and sparsity: not yet measured.** `data/results/neuromorphic/` holds no "
+                     "`lmscale precision` records of trained models.")
+    else:
+        table = precision_table()
+        parts.append(f"**Precision (measured, {len(precision)} trained models):** " + "; ".join(
+            f"{r['model']}: int8 {r['int8']:+.3f}, int4 weights {r['w4']:+.3f}, state in 4 bits {r['state4']:+.3f} nats"
+            for _, r in table.iterrows()) + ".")
+    return "\n\n".join(parts)
+
+
+def precision_table() -> pd.DataFrame:
+    """Change in validation loss (nats) under each scheme, per trained model."""
+    def delta(r: pd.Series, key: str) -> float | None:
+        value = r.get(f"metrics.{key}")
+        return value.get("delta") if isinstance(value, dict) else None
+
+    return pd.DataFrame([
+        {"model": f"{r['config.model.mixer']} d={r['config.model.d_model']} ({r.get('config.train.quantize') or 'float'})",
+         "float loss": r["metrics.float"]["loss"], "int8": delta(r, "int8"), "w4": delta(r, "w4"),
+         "ternary": delta(r, "ternary"), "decode loss": r["metrics.decode_float"]["loss"],
+         "state8": delta(r, "decode_state8"), "state4": delta(r, "decode_state4")}
+        for _, r in precision.iterrows()])
+
+
+display(Markdown(findings()))
+
+# %% [markdown]
+# ## Operations per token
+#
+# One decoding step of each model at the size above, traced through PyTorch's dispatcher
+# (`lmscale.profile.opmix`): every operation is put in one kind with its element count. The kinds:
+
+# %% tags=["hide-input"]
+display(Markdown("\n".join(f"- **{kind}**: {meaning}" for kind, meaning in KIND_MEANING.items())))
+display(plots.table(per_token(ops), "neuromorphic-opmix",
+                    formats={**dict.fromkeys(KINDS, "{:,.0f}"), "mixer nonlinear / mixer ops": "{:.2%}",
+                             "state (MiB)": "{:.2f}"}))
+check = ops[["mixer", "mixer_mac", "mixer_mac_analytic"]].assign(
+    ratio=lambda f: f["mixer_mac"] / f["mixer_mac_analytic"])
+display(Markdown(
+    f"*Operations of one decoding step per token, batch 1, {op_mix_preset} after {context_len:,} tokens, counted from "
+    f"the code at this build. The mixers' traced multiply–accumulates are {check['ratio'].min():.2f}–"
+    f"{check['ratio'].max():.2f} of their cost models' (a state update k vᵀ, which the cost models count as a product, "
+    f"is traced as element-wise multiplies and adds). Operations not classified: "
+    f"{', '.join(u for u in ops['uncounted'] if u) or 'none'}.*"))
+
+# %% [markdown]
+# ## Does it fit on one chip?
+#
+# Weights and the decode state after the context above, against each chip's published capacity: bytes of
+# on-chip SRAM for SpiNNaker 2 {cite:p}`spinnaker2datasheet` and NorthPole {cite:p}`modha2023northpole`;
+# synapses (one per weight) and neurons (one per state value) for Loihi 2 {cite:p}`intel2021loihi2`.
+# A real mapping loses capacity to code, routing tables and fragmentation, so these are lower bounds on
+# the chips needed.
+
+# %% tags=["hide-input"]
+fit["size"] = pd.Categorical(fit["preset"], categories=fit_presets, ordered=True)
+display(alt.Chart(fit).mark_line(point=True).encode(
+    x=alt.X("size:O", sort=fit_presets, title="preset"),
+    y=alt.Y("chips_needed:Q", scale=alt.Scale(type="log"), title="chips needed"),
+    color=alt.Color("mixer:N"), tooltip=["mixer", "preset", "chip", "chips_needed"],
+).properties(width=220, height=200).facet(facet=alt.Facet("chip:N", title=None), columns=3))
+display(Markdown(f"*Chips needed for the whole model (log scale), weights in {weight_bits} bits, state in "
+                 f"{state_bits} bits after {context_len:,} tokens; computed from the presets at this build.*"))
+display(plots.table(one_chip_sizes(), "neuromorphic-one-chip"))
+
+# %% [markdown]
+# ## Precision
+#
+# Each trained model is scored on fixed validation windows in float, then with its blocks' linear layers
+# quantised after training (int8 weights and activations; int4 weights; BitNet b1.58's ternary weights
+# {cite:p}`ma2024bitnet`), and decoded token by token with its state rounded to 8 and 4 bits after every
+# step (`lmscale.quantize`). Numbers are changes in loss against float, in nats; a model trained with
+# ternary weights (`--quantize ternary`) is scored as trained.
+
+# %% tags=["hide-input"]
+if precision.empty:
+    display(Markdown("*Not yet measured: train the models and run `lmscale precision CHECKPOINT --device cuda` "
+                     "(commands below); the table appears when `data/results/neuromorphic/` holds records.*"))
+else:
+    display(plots.table(precision_table(), "neuromorphic-precision",
+                        formats={c: "{:+.3f}" for c in ("int8", "w4", "ternary", "state8", "state4")}
+                        | {"float loss": "{:.3f}", "decode loss": "{:.3f}"}))
+    display(Markdown(f"*{plots.provenance_caption(precision)}*"))
+
+# %% [markdown]
+# ## Sparsity
+#
+# From the float decoding pass of each trained model: per layer, the share of exact zeros and of entries
+# below 1 % of their row's absolute maximum, in the mixer's output, in the MLP's hidden activation (the
+# input of its down projection) and in the state's update (after − before; for attention the key and
+# value written). An event-driven chip sends an event only for an entry that is not (near) zero.
+
+# %% tags=["hide-input"]
+def sparsity_table() -> pd.DataFrame:
+    rows = []
+    for _, r in precision.iterrows():
+        trained = r.get("config.train.quantize") or "float"
+        for s in r["metrics.sparsity"]:
+            rows.append({"model": f"{r['config.model.mixer']} ({trained})", **s})
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["model", "site"], as_index=False)[["zero", "near_zero"]].mean()
+
+
+if precision.empty:
+    display(Markdown("*Not yet measured (see the precision section).*"))
+else:
+    display(plots.table(sparsity_table(), "neuromorphic-sparsity", formats={"zero": "{:.1%}", "near_zero": "{:.1%}"}))
+
+# %% [markdown]
+# ## Energy on a chip that computes in int8 from SRAM
+#
+# A token's operations priced at Horowitz's 45 nm energies {cite:p}`horowitz2014energy` for 8-bit integer
+# operands: an 8-bit multiply and a 32-bit accumulate per multiply–accumulate, one SRAM read per weight
+# byte and per state byte read and written. Exp, division and the like have no row in the table and are
+# not priced, so the estimate is a lower bound, most of all for the mixers with the largest nonlinear
+# share. Where sparsity is measured, an event-driven chip skips the down projections' multiply–accumulates
+# for the near-zero hidden entries; that column appears with the records.
+
+# %% tags=["hide-input"]
+def energy_table() -> pd.DataFrame:
+    rows = []
+    for _, r in ops.iterrows():
+        sram = r["weight_bytes"] / 2 * weight_bits / 8 + r["state_traffic_bytes"] / 2 * state_bits / 8
+        rows.append({"mixer": r["mixer"],
+                     "µJ per token (dense)": 1e6 * chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram),
+                     "arithmetic share": chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], 0)
+                     / chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram),
+                     "nonlinear ops (not priced)": r["model_nonlinear"]})
+    return pd.DataFrame(rows)
+
+
+display(plots.table(energy_table(), "neuromorphic-energy",
+                    formats={"µJ per token (dense)": "{:.1f}", "arithmetic share": "{:.0%}",
+                             "nonlinear ops (not priced)": "{:,.0f}"}))
+display(Markdown(f"*{HOROWITZ_45NM_INT8.name}: " + "; ".join(HOROWITZ_45NM_INT8.rows) + f". {op_mix_preset}, one token "
+                 f"after {context_len:,} of context, weights in {weight_bits} bits, state in {state_bits} bits.*"))
+
+# %% [markdown]
+# **Literature, for orientation (not measured here).** Abreu et al. {cite:p}`abreu2025loihi` ran a 370M-parameter
+# MatMul-free language model (ternary weights, a gated recurrent token mixer) on Loihi 2 and report up to 3×
+# the throughput at half the energy of Transformer-based models on an edge GPU (Jetson Orin Nano).
+# SpikeGPT {cite:p}`zhu2023spikegpt`, an RWKV-style recurrent model with binary spiking activations at 46M and
+# 216M parameters, reports 20× fewer operations when run on hardware that exploits its sparse, event-driven
+# activations. Both are recurrent-state models: the kind this report studies.
+
+# %% [markdown]
+# ## How to reproduce
+#
+# The tables above are computed from the code when the book builds. The records of the precision and
+# sparsity sections come from trained models:
+#
+# ```bash
+# lmscale train --preset 11M --mixer gla --steps 800 --batch-size 32 --seq-len 1024 --device cuda \
+#     --compile true --out-dir runs/gla                        # add --quantize ternary for BitNet QAT
+# lmscale precision runs/gla/checkpoint.pt --device cuda      # writes data/results/neuromorphic/
+# ```
