@@ -84,11 +84,11 @@ def findings() -> str:
     at = fit[(fit["preset"] == op_mix_preset)].set_index(["mixer", "chip"])["chips_needed"]
     loihi = at.xs("Loihi 2", level="chip")
     parts = [
-        f"**Operations ({op_mix_preset}, one token after {context_len:,} of context, traced).** Multiply–accumulates "
-        f"dominate every model ({mix['mac'].min() / 1e6:.0f}–{mix['mac'].max() / 1e6:.0f} M per token, mostly the "
-        f"MLPs and the head). Inside the mixers, nonlinear operations (exp, division, square roots, sigmoids) are "
-        f"{mix.loc[least, 'mixer nonlinear / mixer ops']:.2%} of the work for {least} and "
-        f"{mix.loc[worst, 'mixer nonlinear / mixer ops']:.2%} for {worst}, the most.",
+        (f"**Operations ({op_mix_preset}, one token after {context_len:,} of context, traced).** Multiply–accumulates "
+         f"dominate every model ({mix['mac'].min() / 1e6:.0f}–{mix['mac'].max() / 1e6:.0f} M per token, mostly the "
+         f"MLPs and the head). Inside the mixers, nonlinear operations (exp, division, square roots, sigmoids) are "
+         f"{mix.loc[least, 'mixer nonlinear / mixer ops']:.2%} of the work for {least} and "
+         f"{mix.loc[worst, 'mixer nonlinear / mixer ops']:.2%} for {worst}, the most."),
         f"**On-chip fit ({op_mix_preset}, weights in {weight_bits} bits, state in {state_bits} bits).** "
         + "; ".join(f"{chip}: attention needs {at[('attention', chip)]:.1f} chips, gla {at[('gla', chip)]:.1f}"
                     for chip in [c.name for c in CHIPS])
