@@ -237,6 +237,50 @@ display(Markdown(f"*{HOROWITZ_45NM_INT8.name}: " + "; ".join(HOROWITZ_45NM_INT8.
                  f"after {context_len:,} of context, weights in {weight_bits} bits, state in {state_bits} bits.*"))
 
 # %% [markdown]
+# ## Ranking
+#
+# Each mixer is ranked on what this chapter measured, in the order a chip designer would ask: the chips
+# its state and weights need on Loihi 2 (the chip with the least memory per value), the share of its
+# mixer's work that is nonlinear, and, where trained models have records, what holding its state in 4 bits
+# costs. The rank is the mean of the three ranks (two while precision is unmeasured); the reason lists the
+# numbers behind it.
+
+# %% tags=["hide-input"]
+def ranking() -> pd.DataFrame:
+    loihi = fit[(fit["preset"] == op_mix_preset) & (fit["chip"] == "Loihi 2")].set_index("mixer")["chips_needed"]
+    mix = ops.set_index("mixer")
+    frame = pd.DataFrame({"Loihi 2 chips": loihi, "nonlinear share": mix["mixer_nonlinear_share"],
+                          "state (MiB)": mix["state_bytes"] / 2**20})
+    criteria = ["Loihi 2 chips", "nonlinear share"]
+    if not precision.empty:
+        state4 = {r["config.model.mixer"]: r["metrics.decode_state4"].get("delta")
+                  for _, r in precision.iterrows() if not r.get("config.train.quantize")}
+        frame["state in 4 bits (Δ nats)"] = pd.Series(state4)
+        criteria.append("state in 4 bits (Δ nats)")
+    frame["score"] = frame[criteria].rank(method="min").mean(axis=1)
+    frame = frame.sort_values(["score", "Loihi 2 chips"]).reset_index(names="mixer")
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    frame["reason"] = [
+        f"{r['state (MiB)']:.2f} MiB of state after {context_len:,} tokens; {r['Loihi 2 chips']:.1f} Loihi 2 chips; "
+        f"{r['nonlinear share']:.2%} of its mixer's operations nonlinear"
+        + (f"; 4-bit state {r['state in 4 bits (Δ nats)']:+.3f} nats"
+           if "state in 4 bits (Δ nats)" in r and pd.notna(r["state in 4 bits (Δ nats)"]) else "")
+        for _, r in frame.iterrows()]
+    return frame[["rank", "mixer", "reason"]]
+
+
+display(plots.table(ranking(), "neuromorphic-ranking"))
+
+# %% [markdown]
+# **What the numbers point to.** The state, not the weights, decides whether a model fits a chip that
+# gives every state value a neuron: a fixed state of a few MiB fits where a KV cache of tens of MiB does
+# not, and LEAP's growing windows and JRT's prefix state sit between the two. The nonlinear operations
+# sit in few places — normalisations, the gates' sigmoids, softmax, Mamba's exponentials of its step
+# sizes — and those are the places to simplify first (a fixed decay instead of a data-dependent one, as in
+# RetNet and simple GLA, removes most of them). The precision each state needs is the measured 8- and
+# 4-bit cost above, once records exist.
+
+# %% [markdown]
 # **Literature, for orientation (not measured here).** Abreu et al. {cite:p}`abreu2025loihi` ran a 370M-parameter
 # MatMul-free language model (ternary weights, a gated recurrent token mixer) on Loihi 2 and report up to 3×
 # the throughput at half the energy of Transformer-based models on an edge GPU (Jetson Orin Nano).
