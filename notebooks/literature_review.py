@@ -375,6 +375,65 @@ assert torch.isfinite(chunk_cumulative_softmax(drift, long_v, window=1024)[0]).a
 assert prefix_then_step_equals_full("leap")
 
 # %% [markdown]
+# ## Other recurrences in the literature
+#
+# Several well-known families are close relatives of the mixers above. In the shared notation (state
+# $S_t \in \mathbb{R}^{d_k \times d_v}$ per head unless said otherwise), and with what the library has
+# of each:
+#
+# - **RWKV-4** {cite:p}`peng2023rwkv`: per channel, a decayed weighted average of the values,
+#   $a_t = e^{-w} a_{t-1} + e^{k_t} v_t$, $b_t = e^{-w} b_{t-1} + e^{k_t}$, read as
+#   $(a_{t-1} + e^{u + k_t} v_t) / (b_{t-1} + e^{u + k_t})$ and gated by $\sigma(r_t)$: a vector state
+#   (two numbers per channel) with a fixed decay and a bonus $u$ for the current token. *Not implemented.*
+# - **RWKV-5 and RWKV-6** {cite:p}`peng2024eagle`: matrix-valued states,
+#   $S_t = \operatorname{diag}(w_t) S_{t-1} + k_t v_t^\top$, read as
+#   $o_t = (S_{t-1} + \operatorname{diag}(u)\, k_t v_t^\top)^\top r_t$, with a fixed per-channel decay in
+#   RWKV-5 and a data-dependent one in RWKV-6: GLA's recurrence (`gla`) plus the bonus term, which the
+#   library does not have. *Not implemented as such.*
+# - **RWKV-7** {cite:p}`peng2025rwkv7`: a generalised delta rule,
+#   $S_t = \big(\operatorname{diag}(w_t) - (a_t \odot \hat\kappa_t)\, \hat\kappa_t^\top\big) S_{t-1} + k_t v_t^\top$,
+#   with a per-channel decay and in-context learning rate. The library's `gated_deltanet` is the case of a
+#   scalar decay and a scalar rate per head. *Not implemented in general.*
+# - **S4** {cite:p}`gu2022s4`: a linear time-invariant state space per channel,
+#   $h_t = \bar A h_{t-1} + \bar B x_t$, $y_t = C h_t + D x_t$ with $h_t \in \mathbb{R}^{N}$; being time-invariant,
+#   it trains as one long convolution. Its diagonal, data-dependent descendant is Mamba (`mamba`). *S4 itself
+#   is not implemented.*
+# - **H3** {cite:p}`fu2023h3`: $y = q \odot \mathrm{SSM}_{\text{diag}}\big(\mathrm{SSM}_{\text{shift}}(k) \odot v\big)$, linear
+#   attention with state-space filters in place of the running sum. *Not implemented.*
+# - **Hyena** {cite:p}`poli2023hyena`: long implicit convolutions interleaved with element-wise gates. Its
+#   filters span the whole context, so decoding has no fixed-size state unless the filters are distilled
+#   into a recurrence. *Not implemented.*
+# - **Hawk and Griffin** {cite:p}`de2024griffin`: the RG-LRU, a diagonal vector recurrence
+#   $h_t = a_t \odot h_{t-1} + \sqrt{1 - a_t^2} \odot (i_t \odot x_t)$ with a data-dependent decay
+#   $a_t = \sigma(\Lambda)^{c\, r_t}$: the LRU (`lru`) with Mamba-style input-dependent decay and a real,
+#   not complex, state. Griffin interleaves it with local (sliding-window) attention, which the library
+#   expresses as a hybrid. *The RG-LRU is not implemented.*
+# - **xLSTM** {cite:p}`beck2024xlstm`: the mLSTM is $C_t = f_t C_{t-1} + i_t v_t k_t^\top$ with a normaliser
+#   $n_t = f_t n_{t-1} + i_t k_t$, read as $C_t q_t / \max(|n_t^\top q_t|, 1)$, with an exponential input
+#   gate: a scalar-gated linear recurrence (`simple_gla`'s equation) plus a normaliser state. The sLSTM
+#   keeps scalar memories with hidden-to-hidden connections, so it cannot be trained in parallel over time.
+#   *Neither is implemented.*
+# - **Mamba-2** {cite:p}`dao2024mamba2`: its state-space duality is the scalar-gated recurrence above, and
+#   the library implements it as `simple_gla`.
+#
+# Where each would sit in the cost table: its decode state per layer, at the width of the table below
+# ($d = 768$, 12 heads of 64; $N = 16$ state dimensions for the state-space models).
+
+# %%
+d, heads, head_dim, n_state = 768, 12, 64, 16
+relatives = pd.DataFrame([
+    ("RWKV-4", 2 * d, "per channel: numerator and denominator", "—"),
+    ("RWKV-5/6", heads * head_dim * head_dim, "per head: d_k × d_v", "gla (without the bonus)"),
+    ("RWKV-7", heads * head_dim * head_dim, "per head: d_k × d_v", "gated_deltanet (scalar decay and rate)"),
+    ("S4", d * n_state, "per channel: N", "mamba (its selective descendant)"),
+    ("H3", d * n_state, "per channel: N (diagonal SSM)", "—"),
+    ("Hyena", None, "grows with the context", "—"),
+    ("Hawk / Griffin (RG-LRU)", d, "per channel: 1", "lru (complex, fixed decay)"),
+    ("xLSTM (mLSTM)", heads * (head_dim * head_dim + head_dim), "per head: d_k × d_v + d_k", "simple_gla (no normaliser)"),
+], columns=["family", "state values per layer", "shape", "closest mixer here"])
+plots.table(relatives, "literature-relatives", formats={"state values per layer": "{:,.0f}"})
+
+# %% [markdown]
 # ## Hybrids
 #
 # Nothing forces one mixer per model. Jamba {cite:p}`lieber2024jamba` interleaves one attention layer

@@ -1,4 +1,5 @@
-"""The built book, opened in headless Chromium: every chart rendered, no console errors.
+"""The built book, opened in headless Chromium: every chart rendered, no console errors, no table that
+scrolls sideways, no "nan" cell; and, from the HTML files, every internal link resolves.
 
 Needs `make book` first (`make test` does it) and Debian's chromium + chromium-driver. Under CI a
 missing browser or book is a failure; elsewhere the test skips and says how to get them.
@@ -77,6 +78,19 @@ return {
 """
 
 
+# Tables of at most this many columns must fit their column of text (no scrollbar inside the page).
+NARROW_TABLE_COLUMNS = 8
+TABLES_JS = """
+return [...document.querySelectorAll('article table')].map(t => {
+  const box = t.closest('.cell_output, .output, .pst-scrollable-table-container, article') || t.parentElement;
+  const head = t.querySelector('tr');
+  return {columns: head ? head.children.length : 0, width: t.scrollWidth, room: box.clientWidth,
+          id: t.id || (t.querySelector('caption') || {}).innerText || '',
+          missing: [...t.querySelectorAll('td')].map(c => c.innerText.trim()).filter(x => /^(nan|NaN|None|<NA>)$/.test(x))};
+});
+"""
+
+
 def test_every_page_loads_without_console_errors_and_charts_render(server, browser):
     pages = _pages()
     assert "index.html" in pages and set(CHART_PAGES) <= set(pages), pages
@@ -91,7 +105,36 @@ def test_every_page_loads_without_console_errors_and_charts_render(server, brows
         assert all(n > 0 for n in charts["inline"]), f"{page}: an inline chart has no marks"
         if page in CHART_PAGES:
             assert charts["imgs"] or charts["inline"], f"{page}: expected a chart, found none"
+        for table in browser.execute_script(TABLES_JS):
+            assert not table["missing"], f"{page}: table {table['id']} shows missing values as {table['missing'][:3]}"
+            if table["columns"] <= NARROW_TABLE_COLUMNS:
+                assert table["width"] <= table["room"] + 2, (
+                    f"{page}: table {table['id']} ({table['columns']} columns) is {table['width']} px wide in "
+                    f"{table['room']} px: it scrolls sideways")
         # The browser asks every site for /favicon.ico on its own; the book has none and links none.
         errors = [e for e in browser.get_log("browser")
                   if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
         assert not errors, f"{page}: console errors {errors}"
+
+
+LINK = re.compile(r'<a\s[^>]*href="([^"#:?]*)(?:#([^"]*))?"')
+
+
+def test_every_internal_link_resolves(require):
+    require((HTML / "index.html").is_file(), f"no built book at {HTML}; run `make book`")
+    ids: dict[Path, set[str]] = {}
+    broken = []
+    for page in _pages():
+        path = HTML / page
+        for target, anchor in LINK.findall(path.read_text()):
+            if target.startswith(("_static", "_sources")) or not (target or anchor):
+                continue
+            file = (path.parent / target).resolve() if target else path
+            if target and not file.exists():
+                broken.append(f"{page}: {target}")
+            elif anchor and file.suffix == ".html":
+                if file not in ids:
+                    ids[file] = set(re.findall(r'\bid="([^"]+)"', file.read_text()))
+                if anchor not in ids[file]:
+                    broken.append(f"{page}: {target}#{anchor}")
+    assert not broken, f"{len(broken)} broken internal links, e.g. {broken[:5]}"
