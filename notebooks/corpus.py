@@ -60,7 +60,7 @@ Markdown("\n".join(f"- **{s['name']}**: {s['license']}" for s in manifest["sourc
 
 # %%
 table = manifest_table(manifest)
-plots.table(table, "tokens", formats={c: "{:,}" for c in ["documents", "dropped", *SPLITS]})
+plots.table(table, "tokens", formats={c: "{:,}" for c in ["documents", "dropped", *SPLITS]}, code=("package",))
 
 # %%
 per_split = table[table["source"] != "total"].melt(
