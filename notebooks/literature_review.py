@@ -476,11 +476,11 @@ costs = mixer_table(seq_len=2048, context_len=2048, **WIDTH)
 shown = pd.DataFrame({
     "mixer": costs["name"],
     "family": costs["family"],
-    "decode state (KiB)": costs["state_bytes"] / 1024,
-    "state per context token (B)": costs["state_bytes_per_token"],
-    "decode MFLOPs/token": costs["decode_flops_per_token"] / 1e6,
-    "train MFLOPs/token": costs["train_flops_per_token"] / 1e6,
-    "parameters (M)": costs["params"] / 1e6,
+    "state (KiB)": costs["state_bytes"] / 1024,
+    "state / token (B)": costs["state_bytes_per_token"],
+    "decode MFLOP / token": costs["decode_flops_per_token"] / 1e6,
+    "train MFLOP / token": costs["train_flops_per_token"] / 1e6,
+    "params (M)": costs["params"] / 1e6,
 })
 plots.table(shown, "costs", formats={c: "{:,.1f}" for c in shown.columns[2:]})
 

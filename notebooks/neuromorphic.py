@@ -62,7 +62,7 @@ def per_token(frame: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"mixer": frame["mixer"]})
     for kind in KINDS:
         out[kind] = frame[f"model_{kind}"]
-    out["mixer nonlinear / mixer ops"] = frame["mixer_nonlinear_share"]
+    out["mixer nonlinear share"] = frame["mixer_nonlinear_share"]
     out["state (MiB)"] = frame["state_bytes"] / 2**20
     return out
 
@@ -79,16 +79,16 @@ def one_chip_sizes() -> pd.DataFrame:
 
 def findings() -> str:
     mix = per_token(ops).set_index("mixer")
-    worst = mix["mixer nonlinear / mixer ops"].idxmax()
-    least = mix["mixer nonlinear / mixer ops"].idxmin()
+    worst = mix["mixer nonlinear share"].idxmax()
+    least = mix["mixer nonlinear share"].idxmin()
     at = fit[(fit["preset"] == op_mix_preset)].set_index(["mixer", "chip"])["chips_needed"]
     loihi = at.xs("Loihi 2", level="chip")
     parts = [
         (f"**Operations ({op_mix_preset}, one token after {context_len:,} of context, traced).** Multiply–accumulates "
          f"dominate every model ({mix['mac'].min() / 1e6:.0f}–{mix['mac'].max() / 1e6:.0f} M per token, mostly the "
          f"MLPs and the head). Inside the mixers, nonlinear operations (exp, division, square roots, sigmoids) are "
-         f"{mix.loc[least, 'mixer nonlinear / mixer ops']:.2%} of the work for {least} and "
-         f"{mix.loc[worst, 'mixer nonlinear / mixer ops']:.2%} for {worst}, the most."),
+         f"{mix.loc[least, 'mixer nonlinear share']:.2%} of the work for {least} and "
+         f"{mix.loc[worst, 'mixer nonlinear share']:.2%} for {worst}, the most."),
         f"**On-chip fit ({op_mix_preset}, weights in {weight_bits} bits, state in {state_bits} bits).** "
         + "; ".join(f"{chip}: attention needs {at[('attention', chip)]:.1f} chips, gla {at[('gla', chip)]:.1f}"
                     for chip in [c.name for c in CHIPS])
@@ -132,13 +132,15 @@ display(Markdown(findings()))
 
 # %% tags=["hide-input"]
 display(Markdown("\n".join(f"- **{kind}**: {meaning}" for kind, meaning in KIND_MEANING.items())))
-display(plots.table(per_token(ops), "neuromorphic-opmix",
-                    formats={**dict.fromkeys(KINDS, "{:,.0f}"), "mixer nonlinear / mixer ops": "{:.2%}",
+shown = per_token(ops)
+shown[list(KINDS)] = shown[list(KINDS)] / 1e3
+display(plots.table(shown.rename(columns={k: f"{k} (K)" for k in KINDS}), "neuromorphic-opmix",
+                    formats={**{f"{k} (K)": "{:,.0f}" for k in KINDS}, "mixer nonlinear share": "{:.2%}",
                              "state (MiB)": "{:.2f}"}))
 check = ops[["mixer", "mixer_mac", "mixer_mac_analytic"]].assign(
     ratio=lambda f: f["mixer_mac"] / f["mixer_mac_analytic"])
 display(Markdown(
-    f"*Operations of one decoding step per token, batch 1, {op_mix_preset} after {context_len:,} tokens, counted from "
+    f"*Operations of one decoding step per token (thousands), batch 1, {op_mix_preset} after {context_len:,} tokens, counted from "
     f"the code at this build. The mixers' traced multiply–accumulates are {check['ratio'].min():.2f}–"
     f"{check['ratio'].max():.2f} of their cost models' (a state update k vᵀ, which the cost models count as a product, "
     f"is traced as element-wise multiplies and adds). Operations not classified: "
