@@ -27,7 +27,7 @@
 # %%
 import altair as alt
 import pandas as pd
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.data import SPLITS, load_manifest, manifest_table
@@ -67,7 +67,7 @@ per_split = table[table["source"] != "total"].melt(
     id_vars="source", value_vars=list(SPLITS), var_name="split", value_name="tokens"
 )
 per_split = per_split[per_split["tokens"] > 0]
-alt.Chart(per_split).mark_bar().encode(
+display(alt.Chart(per_split).mark_bar().encode(
     y=alt.Y("source:N", title=None, sort="-x"),
     x=alt.X("sum(tokens):Q", title="GPT-2 tokens"),
     color=alt.Color("split:N", sort=list(SPLITS), title="split"),
@@ -75,7 +75,8 @@ alt.Chart(per_split).mark_bar().encode(
     tooltip=["source", "split", "tokens"],
 ).transform_calculate(
     split_order=f"indexof({list(SPLITS)}, datum.split)"
-).properties(title="Tokens per source and split", width=520, height=180)
+).properties(title="Tokens per source and split", width=520, height=180))
+Markdown("*Computed from the corpus manifest (`data/corpus/manifest.json`) that `make data` writes.*")
 
 # %%
 splits = manifest["splits"]

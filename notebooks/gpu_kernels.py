@@ -208,6 +208,7 @@ if have:
     display(alt.layer(lines, spread).properties(width=230, height=200)
             .facet(column=alt.Column("op:N", sort=list(GATES), title=None), row=alt.Row("mode:N", title=None))
             .properties(title=f"Chunked recurrences vs SDPA (FlashAttention), bf16 — {gpu}"))
+    display(Markdown(f"*Source: {plots.provenance_caption(train)}*"))
 
 # %% [markdown]
 # ## The delta rule: DeltaNet and Gated DeltaNet
@@ -240,6 +241,7 @@ if len(delta):
     ).properties(width=230, height=200)
         .facet(column=alt.Column("op:N", sort=delta_ops, title=None), row=alt.Row("mode:N", title=None))
         .properties(title=f"Chunked delta rule vs SDPA (FlashAttention), bf16 — {gpu}"))
+    display(Markdown(f"*Source: {plots.provenance_caption(delta)}*"))
     table = delta.pivot_table(index=["op", "mode", "T"], columns="impl", values="ms").reset_index()
     for peer in ("fla", "torch", "sdpa"):
         if peer in table and "ours" in table:
@@ -307,6 +309,7 @@ if have:
     display(alt.layer(attention, recurrent, data=decode).properties(width=300, height=240)
             .facet(column=alt.Column("B:O", title="batch size"))
             .properties(title=f"One layer's decoding step (H = {FULL.heads}, D = {FULL.head_dim}) — {gpu}"))
+    display(Markdown(f"*Source: {plots.provenance_caption(decode)}*"))
 
 # %% [markdown]
 # The crossover, read off the measurements (interpolated between the two measured cache lengths
@@ -371,6 +374,7 @@ if have:
             color=alt.Color("impl:N", title="implementation"), tooltip=["op", "impl", "mode", "T", "B", "ms", "gbps"],
         ).properties(width=160, height=180).facet(column=alt.Column("op:N", title=None), row=alt.Row("mode:N", title=None))
             .properties(title=f"Diagonal scans, ours vs the PyTorch chunk form — {gpu}"))
+        display(Markdown(f"*Source: {plots.provenance_caption(scans)}*"))
         display(caption("Achieved bandwidth of the scans, GB/s (bytes a fused scan must move)"))
         display(plots.table(scans.pivot_table(index=["op", "mode", "T"], columns="impl", values="gbps").reset_index(),
                             "scan_gbps", formats={"ours": "{:,.0f}", "torch": "{:,.0f}"}))

@@ -220,6 +220,8 @@ if not shown.empty:
         y=alt.Y("state:Q", scale=alt.Scale(type="log"), title="state bytes, batch 1", axis=alt.Axis(format="~s")),
         color="mixer:N", strokeDash="counted:N", tooltip=["mixer", "preset", "length", "counted", "state"],
     ).properties(width=300, height=220).facet(column=alt.Column("preset:N", title=None)))
+    display(Markdown(f"*Decoding state, batch 1, {dtype}: {len(decode)} records, commit "
+                     f"{', '.join(sorted({str(c)[:10] for c in decode['commit']}))}.*"))
 
 # %% [markdown]
 # ## Against the roofline

@@ -31,7 +31,7 @@ import math
 import altair as alt
 import pandas as pd
 import torch
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.config import ModelConfig
@@ -495,13 +495,14 @@ memory = pd.concat(
     for L in contexts
 )
 memory["model state (MiB)"] = memory["state_bytes"] * WIDTH["n_layers"] / 2**20
-alt.Chart(memory).mark_line(point=True).encode(
+display(alt.Chart(memory).mark_line(point=True).encode(
     x=alt.X("context:Q", scale=alt.Scale(type="log", base=2), title="context length (tokens)",
             axis=plots.tokens_axis([4**p for p in range(4, 11)])),
     y=alt.Y("model state (MiB):Q", scale=alt.Scale(type="log"), title="decoding state of one sequence (MiB)"),
     color=alt.Color("name:N", title="mixer"),
     tooltip=["name", "context", alt.Tooltip("model state (MiB):Q", format=".2f")],
-).properties(title="Decode memory vs context, 12 layers at d = 768 (bfloat16)", width=520, height=320)
+).properties(title="Decode memory vs context, 12 layers at d = 768 (bfloat16)", width=520, height=320))
+Markdown("*Computed from the mixers' cost models (`state_bytes`) at this build; nothing measured.*")
 
 # %%
 attention_at = memory[memory["name"] == "attention"].set_index("context")["model state (MiB)"]

@@ -91,6 +91,22 @@ return [...document.querySelectorAll('article table')].map(t => {
 """
 
 
+# A figure's caption is italic text in its cell's output (or the next cell's) that says where its numbers
+# come from: records and runs, or the code computed at build time.
+CAPTIONS_JS = """
+const charts = [...document.querySelectorAll('article img')].filter(i => /\\.svg($|\\?)|^data:image\\/svg/.test(i.src))
+  .concat([...document.querySelectorAll('article svg.marks')]);
+const source = /record|run\\(s\\)|runs? of|computed from|counted from|literature/i;
+return charts.map(c => {
+  const cell = c.closest('.cell');
+  const next = cell && cell.nextElementSibling && cell.nextElementSibling.classList.contains('cell')
+    ? cell.nextElementSibling : null;
+  const texts = [cell, next].filter(Boolean).flatMap(x => [...x.querySelectorAll('.cell_output em')].map(e => e.innerText));
+  return {chart: c.getAttribute('src') || 'inline svg', captioned: texts.some(t => source.test(t))};
+}).filter(c => !c.captioned).map(c => c.chart);
+"""
+
+
 def test_every_page_loads_without_console_errors_and_charts_render(server, browser):
     pages = _pages()
     assert "index.html" in pages and set(CHART_PAGES) <= set(pages), pages
@@ -105,6 +121,8 @@ def test_every_page_loads_without_console_errors_and_charts_render(server, brows
         assert all(n > 0 for n in charts["inline"]), f"{page}: an inline chart has no marks"
         if page in CHART_PAGES:
             assert charts["imgs"] or charts["inline"], f"{page}: expected a chart, found none"
+        uncaptioned = browser.execute_script(CAPTIONS_JS)
+        assert not uncaptioned, f"{page}: {len(uncaptioned)} figure(s) without a caption naming their source"
         for table in browser.execute_script(TABLES_JS):
             assert not table["missing"], f"{page}: table {table['id']} shows missing values as {table['missing'][:3]}"
             if table["columns"] <= NARROW_TABLE_COLUMNS:
