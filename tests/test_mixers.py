@@ -26,7 +26,10 @@ def _forms(name):
 def _cases():
     for name in available():
         forms = _forms(name)
-        if not forms:
+        if not forms and "segment_len" in REGISTRY[name].options:  # several segments, the last partial, at T=21
+            yield pytest.param(name, {"segment_len": 8}, id=f"{name}-seg8")
+            yield pytest.param(name, {"segment_len": 5, "update": "linear"}, id=f"{name}-seg5-linear")
+        elif not forms:
             yield pytest.param(name, {}, id=name)
         for option, form in forms:
             options = {option: form}
