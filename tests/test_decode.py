@@ -29,6 +29,8 @@ REFUSED = {  # mixer -> what the refusal must name: the leaf whose layout a step
     "leap": r"layer 0 \('leap'\): state\.query\.block_logits is \[2, 2, 0\]",  # auto window: layer 0 sees 4 tokens
     "infini_attention": r"layer 0 \('infini_attention'\): state\.k is \[2, 2, 0, 16\] float32 on cpu before a step and "
                         r"\[2, 2, 1, 16\] float32 on cpu after one: its shape changes",
+    "transformer_xl": r"layer 0 \('transformer_xl'\): state\.k is \[2, 2, 0, 16\] float32 on cpu before a step and "
+                      r"\[2, 2, 1, 16\] float32 on cpu after one: its shape changes",
 }
 GRAPHABLE = [pytest.param(name, {}, id=name) for name in available() if name not in REFUSED]
 GRAPHABLE.append(pytest.param("leap", {"window": "global"}, id="leap-global"))

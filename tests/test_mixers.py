@@ -28,7 +28,10 @@ def _cases():
         forms = _forms(name)
         if not forms and "segment_len" in REGISTRY[name].options:  # several segments, the last partial, at T=21
             yield pytest.param(name, {"segment_len": 8}, id=f"{name}-seg8")
-            yield pytest.param(name, {"segment_len": 5, "update": "linear"}, id=f"{name}-seg5-linear")
+            if "update" in REGISTRY[name].options:
+                yield pytest.param(name, {"segment_len": 5, "update": "linear"}, id=f"{name}-seg5-linear")
+            else:
+                yield pytest.param(name, {"segment_len": 5}, id=f"{name}-seg5")
         elif not forms:
             yield pytest.param(name, {}, id=name)
         for option, form in forms:
