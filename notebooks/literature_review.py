@@ -375,6 +375,29 @@ assert torch.isfinite(chunk_cumulative_softmax(drift, long_v, window=1024)[0]).a
 assert prefix_then_step_equals_full("leap")
 
 # %% [markdown]
+# ## Segment recurrences: Transformer-XL and Infini-attention
+#
+# Two designs keep softmax attention but bound its state by cutting the sequence into segments of $N$
+# tokens. **Transformer-XL** {cite:p}`dai2019transformerxl` lets a query in segment $s$ attend causally
+# within $s$ and to all of segment $s-1$, whose keys and values are cached and, in training, detached:
+# decoding holds at most $2N - 1$ positions. (The library gives it relative positions through RoPE rather
+# than the paper's sinusoids with bias vectors.) **Infini-attention** {cite:p}`munkhdalai2024infini` adds
+# to local attention within the segment a compressive memory of every earlier segment, read by linear
+# attention with $\sigma = \mathrm{ELU} + 1$ and mixed by a learned gate $g_h = \operatorname{sigmoid}(\beta_h)$:
+#
+# $$
+# A = g \odot \frac{\sigma(q)^\top M_{s-1}}{\sigma(q)^\top z_{s-1}} + (1 - g) \odot A_{\text{local}}, \qquad
+# M_s = M_{s-1} + \sigma(K_s)^\top \Big(V_s - \frac{\sigma(K_s) M_{s-1}}{\sigma(K_s) z_{s-1}}\Big),
+# $$
+#
+# the delta-rule update (the linear one drops the subtraction). Both run segment by segment from any
+# state, and decoding one token at a time gives the same outputs:
+
+# %%
+for name in ("transformer_xl", "infini_attention"):
+    assert prefix_then_step_equals_full(name, {"segment_len": 5}), name
+
+# %% [markdown]
 # ## Other recurrences in the literature
 #
 # Several well-known families are close relatives of the mixers above. In the shared notation (state
