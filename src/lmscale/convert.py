@@ -21,8 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmscale.config import ConfigError, ModelConfig
 from lmscale.model import LanguageModel
 
