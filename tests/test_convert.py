@@ -46,3 +46,7 @@ def test_what_the_block_cannot_express_is_refused_with_the_reason():
                                        vocab_size=97, max_seq_len=64))
     with pytest.raises(ConfigError, match="no Llama counterpart"):
         to_llama(hybrid)
+    moe = LanguageModel(ModelConfig(mixer="attention", moe_experts=4, n_layers=2, d_model=32, n_heads=4,
+                                    vocab_size=97, max_seq_len=64))
+    with pytest.raises(ConfigError, match="MLPs are dense"):
+        to_llama(moe)

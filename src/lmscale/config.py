@@ -49,6 +49,12 @@ class ModelConfig:
     mixer_options: dict[str, Any] = field(default_factory=dict)
     layers: list[str] | None = None  # one mixer name per layer; ``mixer`` is then unused
     attention_every: int | None = None  # layers N−1, 2N−1, … are attention, the others ``mixer``
+    # mixture of experts (lmscale.mlp.MoE): 0 experts is the dense SwiGLU everywhere
+    moe_experts: int = 0  # SwiGLU experts of width d_hidden in each MoE layer
+    moe_top_k: int = 2  # experts per token
+    moe_every: int = 1  # layers N−1, 2N−1, … get the MoE (Jamba: 2, every other layer)
+    moe_capacity_factor: float | None = None  # None: dropless; c: an expert takes ≤ ⌈c·tokens·k/E⌉
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in training (Switch Transformer)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):  # a list, so the config survives a JSON round trip unchanged
@@ -78,6 +84,34 @@ class ModelConfig:
         if not isinstance(self.mixer_options, dict):
             raise ConfigError("mixer_options", self.mixer_options, "must be a dict of mixer keyword options")
         self._validate_layer_pattern()
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        experts = self.moe_experts
+        if not isinstance(experts, int) or isinstance(experts, bool) or experts < 0:
+            raise ConfigError("moe_experts", experts, "must be a non-negative integer (0: dense MLPs)")
+        if not experts:
+            return
+        k = self.moe_top_k
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= experts:
+            raise ConfigError("moe_top_k", k, f"must be an integer from 1 to moe_experts={experts}")
+        every = self.moe_every
+        if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= self.n_layers:
+            raise ConfigError("moe_every", every, f"must be an integer from 1 (every layer) to n_layers={self.n_layers}")
+        c = self.moe_capacity_factor
+        if c is not None and (not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0):
+            raise ConfigError("moe_capacity_factor", c, "must be None (dropless) or a positive number such as 1.25")
+        coef = self.moe_aux_loss_coef
+        if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef) or coef < 0:
+            raise ConfigError("moe_aux_loss_coef", coef, "must be a non-negative number such as 0.01")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` (0-based) has a mixture of experts instead of the dense MLP."""
+        return self.moe_experts > 0 and (layer_idx + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     def _validate_layer_pattern(self) -> None:
         """Shape of the hybrid pattern; whether each name is a registered mixer is checked at build."""

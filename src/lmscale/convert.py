@@ -105,6 +105,9 @@ def to_llama(model: LanguageModel):
     if cfg.layers is not None or cfg.attention_every is not None or cfg.mixer != "attention":
         raise ConfigError("mixer", cfg.mixer, "only an all-attention model is a Llama model; hybrids and "
                                               "recurrent mixers have no Llama counterpart")
+    if cfg.moe_experts:
+        raise ConfigError("moe_experts", cfg.moe_experts, "a Llama model's MLPs are dense; a mixture of experts "
+                                                          "would be a Mixtral checkpoint, which this converter does not write")
     options = model.blocks[0].mixer
     if options.window is not None:
         raise ConfigError("mixer_options['window']", options.window, "Llama attends over the whole context; "

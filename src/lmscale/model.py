@@ -1,7 +1,7 @@
 """GPT-style language model around any registered sequence mixer.
 
-    tokens ─► embedding ─► n_layers × [x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] ─► RMSNorm ─► head
-The head shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from
+    tokens ─► embedding ─► n_layers × [x + mixer(RMSNorm(x)); x + MLP(RMSNorm(x))] ─► RMSNorm ─► head
+The MLP is a SwiGLU, or a mixture of SwiGLU experts in the layers ``cfg.is_moe_layer`` names. The head shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from
 per-layer states (KV caches for attention, fixed-size matrices for recurrent mixers). Each block's mixer
 is ``cfg.mixer_for_layer(i)``, so a hybrid (say GLA with one attention layer in four) is the same model
 with a per-layer list of states of different kinds.
@@ -13,40 +13,28 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmscale.config import ModelConfig
 from lmscale.loss import IGNORE_INDEX, linear_cross_entropy
 from lmscale.mixers import build_mixer
+from lmscale.mlp import MoE, SwiGLU
 
 # projections that write into the residual stream; their init is scaled by 1/√(2·n_layers) (GPT-2)
 RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
 
 
-class SwiGLU(nn.Module):
-    """Gated MLP: down(silu(gate(x)) ⊙ up(x)), hidden width cfg.d_hidden."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.d_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: mixer, then MLP."""
+    """Pre-norm residual block: mixer, then MLP (a mixture of experts where ``cfg.is_moe_layer``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer_idx)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = (MoE(cfg.d_model, cfg.d_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor)
+                    if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.d_hidden))
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> tuple[Tensor, Any]:
         """x [B, T, D] -> (x [B, T, D], the mixer's final state if ``return_state`` else None)."""
@@ -73,6 +61,7 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied: one [V, D] matrix reads tokens in and out
         self.checkpoint_blocks = False  # activation checkpointing, set by the trainer (TrainConfig)
+        self.moe_aux_loss: Tensor | None = None  # load-balancing loss of the last forward with targets
         # a layer that reads its first M tokens non-causally (JRT-RNN's encoder) lets outputs before
         # M - 1 see their own next tokens, so those targets carry no loss
         self.unscored_prefix = max([block.mixer.prefix_len - 1 for block in self.blocks
@@ -108,7 +97,9 @@ class LanguageModel(nn.Module):
         decoding (at B = 16 and T = 128K, all logits in bf16 would take 200 GB).
 
         With ``targets`` [B, T] it returns the next-token loss instead of the logits, computed with the
-        head chunk by chunk (``lmscale.loss``): the [B·T, V] logits are never materialised.
+        head chunk by chunk (``lmscale.loss``): the [B·T, V] logits are never materialised. In training
+        mode a mixture-of-experts model adds ``moe_aux_loss_coef`` × its load-balancing loss to a mean
+        loss (the objective); ``moe_aux_loss`` keeps that loss, averaged over the MoE layers, for logs.
         """
         states = [None] * len(self.blocks) if state is None else state
         x = self.embed(idx)  # (B, T, D)
@@ -126,6 +117,10 @@ class LanguageModel(nn.Module):
                 targets[..., : self.unscored_prefix] = IGNORE_INDEX
             out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,
                                        impl=loss_impl)
+            if self.cfg.moe_experts:
+                self.moe_aux_loss = torch.stack([b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)]).mean()
+                if self.training and loss_reduction == "mean":
+                    out = out + self.cfg.moe_aux_loss_coef * self.moe_aux_loss
         else:
             out = self.head(self.norm(x[:, -1:] if last_only else x))  # (B, T or 1, V)
         return (out, new_states) if return_state else out
@@ -143,18 +138,25 @@ class LanguageModel(nn.Module):
         """Per-layer states before any token."""
         return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied embedding/head once; ``non_embedding`` leaves it out (Kaplan's N)."""
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count, the tied embedding/head once; ``non_embedding`` leaves it out (Kaplan's N);
+        ``active`` counts, in each mixture of experts, only the ``moe_top_k`` experts a token uses."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if active:
+            n -= sum(sum(p.numel() for p in b.mlp.experts.parameters()) * (1 - b.mlp.top_k / len(b.mlp.experts))
+                     for b in self.blocks if isinstance(b.mlp, MoE))
+        return int(n - self.embed.weight.numel() if non_embedding else n)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Analytic forward FLOPs per token at context ``seq_len``: mixers' cost, SwiGLU MLPs and head.
+        """Analytic forward FLOPs per token at context ``seq_len``: mixers' cost, the MLPs a token uses
+        (``moe_top_k`` experts and the router in an MoE layer) and the head.
 
         Matmuls only (2·m·n·k), as in ``Mixer.cost``; training is ≈ 3× this (forward + backward).
         """
-        d, d_hidden = self.cfg.d_model, self.cfg.d_hidden
+        cfg = self.cfg
         mixers = sum(block.mixer.cost(seq_len).flops for block in self.blocks) / seq_len
-        mlps = self.cfg.n_layers * 3 * 2 * d * d_hidden
-        head = 2 * d * self.cfg.vocab_size
+        mlp = 3 * 2 * cfg.d_model * cfg.d_hidden
+        moe = cfg.moe_layers * (cfg.moe_top_k * mlp + 2 * cfg.d_model * cfg.moe_experts)
+        mlps = (cfg.n_layers - cfg.moe_layers) * mlp + moe
+        head = 2 * cfg.d_model * cfg.vocab_size
         return mixers + mlps + head

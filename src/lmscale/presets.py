@@ -69,11 +69,28 @@ _SHAPES: dict[str, Shape] = {
 }
 PRESETS: tuple[str, ...] = tuple(_SHAPES)  # smallest first
 
+
+def _jamba(preset_name: str, shape: Shape) -> dict[str, Any]:
+    """Jamba's layout (Lieber et al. 2024, the released model's config): groups of eight layers, each
+    Mamba except one attention layer at offset 4 (1:7), and a 16-expert top-2 mixture of experts in
+    every other layer (layers 1, 3, 5, …), its load-balancing loss weighted 0.001."""
+    period, offset = 8, 4
+    if shape.n_layers % period:
+        fits = [p for p, s in _SHAPES.items() if s.n_layers % period == 0]
+        raise ConfigError("preset", preset_name, f"has {shape.n_layers} layers; Jamba's 1:7 attention pattern tiles "
+                                                 f"groups of {period}, so use one of {', '.join(fits)}")
+    return {"mixer": "mamba", "layers": ["attention" if i % period == offset else "mamba" for i in range(shape.n_layers)],
+            "moe_experts": 16, "moe_top_k": 2, "moe_every": 2, "moe_aux_loss_coef": 1e-3}
+
+
+# architectures that are more than one mixer: a name usable wherever a preset takes a mixer
+ARCHITECTURES = {"jamba": _jamba}
+
 # fields that say which mixer each layer runs; the attention reference of a preset drops them
 _MIXER_FIELDS = ("mixer", "mixer_options", "layers", "attention_every", "mlp_ratio")
 
 TABLE_COLUMNS = ("preset", "mixer", "d_model", "n_layers", "n_heads", "d_hidden", "params",
-                 "non_embedding_params", "ratio_to_attention", "note")
+                 "non_embedding_params", "ratio_to_attention", "total_params", "note")
 
 
 def _unknown_preset(name: str) -> ConfigError:
@@ -98,23 +115,24 @@ class _ShapesOnly(LanguageModel):
 
 
 @functools.cache
-def _counts(key: str) -> tuple[int, int]:
+def _counts(key: str, active: bool) -> tuple[int, int]:
     cfg = ModelConfig.from_dict(json.loads(key))
     with torch.device("meta"):
         model = _ShapesOnly(cfg)
-    return model.num_params(), model.num_params(non_embedding=True)
+    return model.num_params(active=active), model.num_params(non_embedding=True, active=active)
 
 
-def param_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, non-embedding) parameters of ``cfg``'s model, the tied embedding counted once; no memory used."""
-    return _counts(_key(cfg))
+def param_counts(cfg: ModelConfig, active: bool = False) -> tuple[int, int]:
+    """(total, non-embedding) parameters of ``cfg``'s model, the tied embedding counted once; no memory used.
+    ``active``: of each mixture of experts, only the ``moe_top_k`` experts a token uses."""
+    return _counts(_key(cfg), active)
 
 
 def _attention_reference(cfg: ModelConfig) -> ModelConfig:
     """The plain softmax-attention model with ``cfg``'s shape: what every mixer is matched to."""
     defaults = ModelConfig()
     return dataclasses.replace(cfg, mixer=HYBRID_ATTENTION, mixer_options={}, layers=None,
-                               attention_every=None, mlp_ratio=defaults.mlp_ratio)
+                               attention_every=None, mlp_ratio=defaults.mlp_ratio, moe_experts=0)
 
 
 @functools.cache
@@ -123,12 +141,14 @@ def _solved_hidden(key: str) -> int:
 
     Non-embedding parameters are linear in the MLP width h: P(h) = P_rest + 3·d_model·n_layers·h (gate,
     up and down projections, no biases). One meta build gives P_rest; h is solved and rounded to the
-    config's ``mlp_multiple``.
+    config's ``mlp_multiple``. A mixture-of-experts model is matched on its active parameters (the
+    ``moe_top_k`` experts a token uses, each of width h), as Mixtral and Jamba are compared.
     """
     cfg = ModelConfig.from_dict(json.loads(key))
     target = param_counts(_attention_reference(cfg))[1]
-    per_unit = 3 * cfg.d_model * cfg.n_layers
-    rest = param_counts(cfg)[1] - per_unit * cfg.d_hidden
+    mlps_per_token = cfg.n_layers - cfg.moe_layers + cfg.moe_top_k * cfg.moe_layers
+    per_unit = 3 * cfg.d_model * mlps_per_token
+    rest = param_counts(cfg, active=True)[1] - per_unit * cfg.d_hidden
     multiple = cfg.mlp_multiple
     hidden = max(multiple, math.floor((target - rest) / per_unit / multiple + 0.5) * multiple)
     ratio = (rest + per_unit * hidden) / target
@@ -152,6 +172,7 @@ def _ratio_for(hidden: int, d_model: int) -> float:
 
 def preset(name: str, mixer: str, **overrides: Any) -> ModelConfig:
     """The ``mixer`` model of preset ``name``, its MLP width solved to match attention's parameter count.
+    ``mixer`` may also name an architecture of ``ARCHITECTURES`` (``jamba``).
 
     ``overrides`` set any other ModelConfig field (e.g. ``vocab_size``, ``max_seq_len``,
     ``mixer_options``, ``attention_every``); the MLP is then solved for the overridden config against
@@ -164,7 +185,8 @@ def preset(name: str, mixer: str, **overrides: Any) -> ModelConfig:
     for field_name, value in overrides.items():
         if field_name not in known:
             raise ConfigError(field_name, value, f"unknown model field; valid fields: {sorted(known - {'mixer'})}")
-    fields = {**dataclasses.asdict(_SHAPES[name]), "vocab_size": GPT2_VOCAB, "mixer": mixer, **overrides}
+    recipe = ARCHITECTURES[mixer](name, _SHAPES[name]) if mixer in ARCHITECTURES else {"mixer": mixer}
+    fields = {**dataclasses.asdict(_SHAPES[name]), "vocab_size": GPT2_VOCAB, **recipe, **overrides}
     cfg = ModelConfig(**fields)
     for i in range(cfg.n_layers):  # an unknown mixer fails here, naming the registered ones
         if cfg.mixer_for_layer(i) not in available():
@@ -179,12 +201,13 @@ def preset_table(mixers: list[str] | None = None, presets: list[str] | None = No
     ``mixers`` and ``presets`` (default: all) choose the rows.
 
     ``ratio_to_attention`` is the non-embedding count over attention's at the same preset (the matched
-    quantity; the total ratio is closer still, the embedding being the same). A mixer that cannot be
-    matched at a preset keeps its row with NaN counts and the reason in ``note``.
+    quantity; the total ratio is closer still, the embedding being the same). A mixture-of-experts
+    model counts its active parameters there, and all of them in ``total_params``. A mixer that cannot
+    be matched at a preset keeps its row with NaN counts and the reason in ``note``.
     """
     names = available() if mixers is None else list(mixers)
     for name in names:
-        if name not in available():
+        if name not in available() and name not in ARCHITECTURES:
             raise UnknownMixerError(name)
     for name in presets or []:
         if name not in _SHAPES:
@@ -201,20 +224,22 @@ def preset_table(mixers: list[str] | None = None, presets: list[str] | None = No
             except ConfigError as e:
                 rows.append({**row, "d_hidden": math.nan, "params": math.nan,
                              "non_embedding_params": math.nan, "ratio_to_attention": math.nan,
-                             "note": str(e)})
+                             "total_params": math.nan, "note": str(e)})
                 continue
-            total, non_embedding = param_counts(cfg)
+            total, non_embedding = param_counts(cfg, active=True)
             rows.append({**row, "d_hidden": cfg.d_hidden, "params": total,
                          "non_embedding_params": non_embedding,
-                         "ratio_to_attention": non_embedding / reference})
+                         "ratio_to_attention": non_embedding / reference, "total_params": param_counts(cfg)[0]})
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def format_preset_table(table: pd.DataFrame) -> str:
     """The table as text, parameter counts with K/M/B suffixes, under a line saying what was matched."""
     shown = table.copy()
-    for column in ("params", "non_embedding_params"):
+    for column in ("params", "non_embedding_params", "total_params"):
         shown[column] = table[column].map(lambda v: "—" if math.isnan(v) else format_count(v))
+    if (table["total_params"].fillna(0) == table["params"].fillna(0)).all():  # no mixture of experts
+        shown = shown.drop(columns="total_params")
     shown["d_hidden"] = table["d_hidden"].map(lambda v: "—" if math.isnan(v) else f"{v:.0f}")
     shown["ratio_to_attention"] = table["ratio_to_attention"].map(lambda v: "—" if math.isnan(v) else f"{v:.3f}")
     if not shown["note"].astype(bool).any():

@@ -742,8 +742,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
                 interval_seconds += elapsed
                 interval_steps += 1
                 if done % cfg.log_interval == 0 or done == cfg.steps:
-                    record("train", _train_point(done, loss, lr, grad_norm, cfg, interval_steps, interval_seconds,
-                                                 flops_per_token, peak, world))
+                    point = _train_point(done, loss, lr, grad_norm, cfg, interval_steps, interval_seconds,
+                                         flops_per_token, peak, world)
+                    if raw.moe_aux_loss is not None:  # load balance of rank 0's last micro-batch (1: uniform)
+                        point["moe_aux_loss"] = float(raw.moe_aux_loss)
+                    record("train", point)
                     interval_seconds, interval_steps = 0.0, 0
                 if done % cfg.eval_interval == 0 or done == cfg.steps:
                     metrics = evaluate(raw, eval_batches, device, bpt, dtype=dtype, world=world)
@@ -798,6 +801,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         "stopped_at_step": done if stopper.stopped else None,
         "params": params,
         "params_non_embedding": params_non_embedding,
+        "params_active": raw.num_params(active=True),  # equal to params but in a mixture of experts
         "sequences_per_step": cfg.sequences_per_step,
         "world_size": world.size,
         "parallel": world.parallel,
