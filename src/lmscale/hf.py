@@ -78,6 +78,11 @@ class LmscaleConfig(PreTrainedConfig):
     mixer_options: dict[str, Any] = field(default_factory=dict)
     layers: list[str] | None = None
     attention_every: int | None = None
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = True  # LanguageModel's head is its embedding matrix
     use_cache: bool = True
 
