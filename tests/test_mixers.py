@@ -191,6 +191,12 @@ def test_bad_options_raise_config_error(name, options, field, hint):
     assert hint in str(excinfo.value)
 
 
+@pytest.mark.parametrize("name", ["attention", "retnet", "transformer_xl", "infini_attention"])
+def test_rope_mixers_refuse_an_odd_head_width(name):
+    with pytest.raises(ConfigError, match="must be even: RoPE rotates channel pairs"):
+        build_mixer(ModelConfig(mixer=name, d_model=30, n_heads=2), layer_idx=0)
+
+
 def test_attention_refuses_positions_beyond_max_seq_len():
     mixer = make_mixer("attention", {})
     _, state = mixer(random_input(T=125), return_state=True)

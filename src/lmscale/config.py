@@ -18,12 +18,29 @@ class ConfigError(ValueError):
         super().__init__(f"config field '{field_name}'={value!r}: {why}")
 
 
+class _Fields:
+    """A config's plain-dict form: what records and checkpoints store, and what reads them back."""
+
+    _KIND = "config"  # named in the error for an unknown field
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(unknown[0], d[unknown[0]], f"unknown {cls._KIND} field; valid fields: {sorted(known)}")
+        return cls(**d)
+
+
 IGNORE_INDEX = -100  # a target equal to this adds nothing to the loss (as in F.cross_entropy)
 HYBRID_ATTENTION = "attention"  # the mixer that ``attention_every`` interleaves
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Fields):
     """Shape of a GPT-style language model: pre-norm blocks of (mixer, GLU MLP), tied embeddings.
 
     Every layer uses ``mixer`` unless the config declares a hybrid (Jamba style), one of two ways:
@@ -34,6 +51,8 @@ class ModelConfig:
     ``mixer_options`` is keyed by mixer name, e.g. ``{"gla": {"form": "chunk"}, "attention":
     {"impl": "math"}}``; each layer's mixer sees only its own options through ``layer_config``.
     """
+
+    _KIND = "model"
 
     mixer: str = "attention"
     vocab_size: int = 50257
@@ -183,16 +202,6 @@ class ModelConfig:
         raw = int(self.mlp_ratio * self.d_model)
         return -(-raw // self.mlp_multiple) * self.mlp_multiple
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(unknown[0], d[unknown[0]], f"unknown model field; valid fields: {sorted(known)}")
-        return cls(**d)
 
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")  # auto: ddp under torchrun (WORLD_SIZE > 1), else none
@@ -203,7 +212,7 @@ LOSS_IMPLS = ("auto", "chunked", "liger", "full")  # lmscale.loss.LOSS_IMPLS, ke
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Fields):
     """One training run: optimiser, schedule, batch geometry, evaluation, checkpoints and scale-out.
 
     Batch geometry, the same whatever the number of processes: ``batch_size`` sequences of ``seq_len``
@@ -212,6 +221,8 @@ class TrainConfig:
     batch is therefore ``batch_size × grad_accum_steps`` sequences, ``× seq_len`` tokens per step; more
     processes at the same config give the same run with less memory per device.
     """
+
+    _KIND = "training"
 
     steps: int = 200
     batch_size: int = 16  # sequences per micro-step, summed over processes
@@ -343,13 +354,3 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.sequences_per_step * self.seq_len
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(unknown[0], d[unknown[0]], f"unknown training field; valid fields: {sorted(known)}")
-        return cls(**d)

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmscale.config import ConfigError, ModelConfig
+
+
+def check_head_dim(cfg: ModelConfig) -> None:
+    """RoPE rotates channel pairs, so a mixer that uses it needs an even head width."""
+    if cfg.head_dim % 2:
+        raise ConfigError("d_model", cfg.d_model,
+                          f"d_model / n_heads = {cfg.head_dim} must be even: RoPE rotates channel pairs")
+
 
 def apply_rope(x: Tensor, start: int | Tensor, theta: float) -> Tensor:
     """Rotate x [B, H, T, Dh] so that q·k depends on positions only through their difference.

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lmscale.config import ConfigError, ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.rope import apply_rope
+from lmscale.rope import apply_rope, check_head_dim
 
 
 def _is_none_or_positive_int(value: object) -> bool:
@@ -110,9 +110,7 @@ class Attention(Mixer):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         opts = self.read_options(cfg)
-        if cfg.head_dim % 2:
-            raise ConfigError("d_model", cfg.d_model,
-                              f"d_model / n_heads = {cfg.head_dim} must be even: RoPE rotates channel pairs")
+        check_head_dim(cfg)
         n_kv_heads = cfg.n_heads if opts["n_kv_heads"] is None else opts["n_kv_heads"]
         if cfg.n_heads % n_kv_heads:
             raise ConfigError("mixer_options['n_kv_heads']", n_kv_heads,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lmscale.config import ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence.naive import compute_dtype
-from lmscale.rope import apply_rope
+from lmscale.rope import apply_rope, check_head_dim
 
 EPS = 1e-6
 UPDATES = ("linear", "delta")
@@ -73,6 +73,7 @@ class InfiniAttention(Mixer):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         opts = self.read_options(cfg)
+        check_head_dim(cfg)
         self.layer_idx = layer_idx
         self.segment_len, self.update = opts["segment_len"], opts["update"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmscale.config import ConfigError, ModelConfig
+from lmscale.config import ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
 from lmscale.ops.gated_recurrence import (
     FORMS,
@@ -39,7 +39,7 @@ from lmscale.ops.gated_recurrence import (
 )
 from lmscale.ops.gated_recurrence.naive import compute_dtype
 from lmscale.ops.triton import IMPLS
-from lmscale.rope import apply_rope
+from lmscale.rope import apply_rope, check_head_dim
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,7 @@ class Retention(Mixer):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         opts = self.read_options(cfg)
-        if cfg.head_dim % 2:
-            raise ConfigError("d_model", cfg.d_model,
-                              f"d_model / n_heads = {cfg.head_dim} must be even: RoPE rotates channel pairs")
+        check_head_dim(cfg)
         self.layer_idx = layer_idx
         self.form, self.chunk_size, self.impl = opts["form"], opts["chunk_size"], opts["impl"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim

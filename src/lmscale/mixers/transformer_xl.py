@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lmscale.config import ModelConfig
 from lmscale.mixers.base import Cost, Mixer, Option, is_positive_int, register
-from lmscale.rope import apply_rope
+from lmscale.rope import apply_rope, check_head_dim
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class TransformerXL(Mixer):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        check_head_dim(cfg)
         self.layer_idx = layer_idx
         self.segment_len = self.read_options(cfg)["segment_len"]
         self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
