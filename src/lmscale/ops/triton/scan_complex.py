@@ -34,21 +34,28 @@ STAGES = 8  # time steps of b (and dh) prefetched ahead of the recurrence that w
 
 
 @triton.jit
+def _pair_or_zeros(ptr, at, mask, PRESENT: tl.constexpr, like):
+    """The complex numbers (re, im) at ptr + at over the block, or zeros like ``like`` where the
+    tensor is absent (no initial state, no final-state gradient)."""
+    if PRESENT:
+        re = tl.load(ptr + at, mask=mask, other=0)
+        im = tl.load(ptr + at + 1, mask=mask, other=0)
+    else:
+        re = tl.zeros_like(like)
+        im = tl.zeros_like(like)
+    return re, im
+
+
+@triton.jit
 def _scan_fwd_kernel(lam_ptr, b_ptr, h0_ptr, h_ptr, hT_ptr, T, N, STATIC_T: tl.constexpr,
                      HAS_H0: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """h[b, t, n] for one batch row b and channels n in one block; pointers are to (re, im) pairs."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    lr = tl.load(lam_ptr + 2 * offs, mask=mask, other=0)
-    li = tl.load(lam_ptr + 2 * offs + 1, mask=mask, other=0)
+    lr, li = _pair_or_zeros(lam_ptr, 2 * offs, mask, True, offs)
     state = 2 * (pid_b * N + offs)
-    if HAS_H0:
-        hr = tl.load(h0_ptr + state, mask=mask, other=0)
-        hi = tl.load(h0_ptr + state + 1, mask=mask, other=0)
-    else:
-        hr = tl.zeros([BLOCK], dtype=lr.dtype)
-        hi = tl.zeros([BLOCK], dtype=lr.dtype)
+    hr, hi = _pair_or_zeros(h0_ptr, state, mask, HAS_H0, lr)
     row = 2 * (pid_b * T * N + offs)
     for t in tl.range(0, T if STATIC_T is None else STATIC_T, num_stages=STAGES):
         at = row + 2 * t * N
@@ -68,18 +75,10 @@ def _scan_bwd_kernel(lam_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, db_ptr, dlam_ptr, 
     pid_b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    lr = tl.load(lam_ptr + 2 * offs, mask=mask, other=0)
-    li = tl.load(lam_ptr + 2 * offs + 1, mask=mask, other=0)
+    lr, li = _pair_or_zeros(lam_ptr, 2 * offs, mask, True, offs)
     state = 2 * (pid_b * N + offs)
-    if HAS_DHT:
-        gr = tl.load(dhT_ptr + state, mask=mask, other=0)
-        gi = tl.load(dhT_ptr + state + 1, mask=mask, other=0)
-    else:
-        gr = tl.zeros([BLOCK], dtype=lr.dtype)
-        gi = tl.zeros([BLOCK], dtype=lr.dtype)
-    if HAS_H0:
-        h0r = tl.load(h0_ptr + state, mask=mask, other=0)
-        h0i = tl.load(h0_ptr + state + 1, mask=mask, other=0)
+    gr, gi = _pair_or_zeros(dhT_ptr, state, mask, HAS_DHT, lr)
+    h0r, h0i = _pair_or_zeros(h0_ptr, state, mask, HAS_H0, lr)
     dlr = tl.zeros([BLOCK], dtype=lr.dtype)
     dli = tl.zeros([BLOCK], dtype=lr.dtype)
     row = 2 * (pid_b * T * N + offs)
