@@ -49,16 +49,8 @@ import torch
 from IPython.display import Markdown, display
 
 from lmscale import plots
-from lmscale.bench.kernels import (
-    FULL,
-    GATES,
-    OUT_OF_TIME,
-    TOLERANCES,
-    attention_counts,
-    crossover_context,
-    delta_counts,
-    recurrence_counts,
-)
+from lmscale.bench.kernel_costs import attention_counts, crossover_context, delta_counts, recurrence_counts
+from lmscale.bench.kernels import FULL, GATES, OUT_OF_TIME, TOLERANCES
 from lmscale.results import iter_records, load_records
 
 plots.setup()
@@ -123,7 +115,7 @@ Markdown(
 # memory-bound. The two rates are measured by the suite itself (op `ceiling`: an 8192³ bf16 matmul
 # and a 2 GiB device-to-device copy, read plus write); without them the table gives the counts alone.
 #
-# The counts (`recurrence_counts`, `delta_counts`, `attention_counts` in `lmscale.bench.kernels`): matmul
+# The counts (`recurrence_counts`, `delta_counts`, `attention_counts` in `lmscale.bench.kernel_costs`): matmul
 # FLOPs of the chunked form, causal pairs only, and each tensor read or written once (the delta rule
 # adds the products that form and apply its WY transform, the same with or without gates); forward+backward as 3×
 # the forward's FLOPs for the recurrence (the backward's products are twice the forward's) and 3.5×

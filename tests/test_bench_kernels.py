@@ -15,7 +15,8 @@ import torch
 
 from lmscale.bench import KERNEL_OPS, kernels
 from lmscale.bench.implementations import Impl, Unavailable, _torch_chunk, default_impls
-from lmscale.bench.kernels import GATES, TOLERANCES, crossover_context, judge, relative_errors, run_suite
+from lmscale.bench.kernel_costs import crossover_context
+from lmscale.bench.kernels import GATES, TOLERANCES, judge, relative_errors, run_suite
 from lmscale.bench.timing import Budget, capture_graphs, l2_cache_bytes, rotation_sets, time_calls
 from lmscale.cli import main
 from lmscale.results import RecordError, read_records, write_records
