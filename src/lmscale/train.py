@@ -654,19 +654,91 @@ def train(
     return _train(model_cfg, train_cfg, data, Path(out_dir) if out_dir else None, resume, progress, world, device)
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: Path | None, resume: bool,
-           progress: bool, world: World, device: torch.device) -> TrainResult:
-    torch.manual_seed(cfg.seed)
-    for name in cfg.final_eval or []:  # a misspelt split fails now, not after the training it would waste
+class _RunLog:
+    """Where a run's logged points go: its curves (returned and checkpointed), and on rank 0 log.jsonl,
+    TensorBoard and a progress bar; ``close`` (under ``contextlib.closing``) however training ends."""
+
+    def __init__(self, curves: dict[str, list[dict[str, Any]]], out_dir: Path | None, resume: bool, start: int,
+                 cfg: TrainConfig, world: World, progress: bool, name: str):
+        self.curves = curves
+        self.log = self.writer = self.bar = None
+        if out_dir and world.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = open(out_dir / "log.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+            self.writer = _tensorboard(out_dir, start) if cfg.tensorboard else None
+        if progress and world.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, desc=name, leave=False)
+
+    def record(self, kind: str, point: dict[str, Any]) -> None:
+        self.curves[kind].append(point)
+        if self.log:
+            self.log.write(json.dumps({"kind": kind, **point}) + "\n")
+            self.log.flush()
+        if self.writer:
+            for key, value in point.items():
+                if key not in ("step", "tokens") and value is not None:
+                    self.writer.add_scalar(f"{kind}/{key}", value, point["step"])
+
+    def stepped(self, loss: float) -> None:
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        for handle in (self.bar, self.log, self.writer):
+            if handle:
+                handle.close()
+
+
+@dataclass
+class _StepClock:
+    """Seconds inside training steps: all of them, the session's first (which pays for compilation and
+    warm-up, so throughput leaves it out) and those since the last logged point."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    first: float = 0.0
+    interval_steps: int = 0
+    interval_seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        if not self.steps:
+            self.first = seconds
+        self.steps += 1
+        self.seconds += seconds
+        self.interval_steps += 1
+        self.interval_seconds += seconds
+
+    def take_interval(self) -> tuple[int, float]:
+        interval = self.interval_steps, self.interval_seconds
+        self.interval_steps, self.interval_seconds = 0, 0.0
+        return interval
+
+    def tokens_per_second(self, tokens_per_step: int) -> float | None:
+        """Steady-state throughput: without the first step when there are others."""
+        steps, seconds = (self.steps - 1, self.seconds - self.first) if self.steps > 1 else (self.steps, self.seconds)
+        return steps * tokens_per_step / seconds if seconds > 0 else None
+
+
+def _check_evaluations(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData) -> None:
+    """A misspelt split or an impossible length fails now, not after the training it would waste."""
+    for name in cfg.final_eval or []:
         data.split(name)
     too_long = [n for n in cfg.position_eval_lengths or [] if n > model_cfg.max_seq_len]
     if too_long:
         raise ConfigError("position_eval_lengths", too_long, f"exceed the model's max_seq_len="
                           f"{model_cfg.max_seq_len}; raise max_seq_len (RoPE needs no retraining to run longer)")
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: Path | None, resume: bool,
+           progress: bool, world: World, device: torch.device) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    _check_evaluations(model_cfg, cfg, data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     raw, model, optimizer = build_training(model_cfg, cfg, world, device)
-    params, params_non_embedding = raw.num_params(), raw.num_params(non_embedding=True)
     flops_per_token = 3 * raw.flops_per_token(cfg.seq_len)  # training ≈ forward + 2× forward for backward
     dtype = autocast_dtype(cfg.autocast, device)
     peak, peak_source = peak_flops(cfg, device)
@@ -679,29 +751,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     for point in curves["eval"]:
         stopper.update(point["step"], point["loss"])
-
-    log = writer = bar = None
-    if out_dir and world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "log.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
-        writer = _tensorboard(out_dir, start) if cfg.tensorboard else None
-    if progress and world.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{model_cfg.mixer}", leave=False)
     # eval_batches global batches of fixed windows, run in micro-batches: the same text however split
     eval_batches = eval_windows(data.validation, cfg.eval_batches * cfg.grad_accum_steps, cfg.batch_size, cfg.seq_len)
     bpt = data.bytes_per_token.get("validation")
-
-    def record(kind: str, point: dict[str, Any]) -> None:
-        curves[kind].append(point)
-        if log:
-            log.write(json.dumps({"kind": kind, **point}) + "\n")
-            log.flush()
-        if writer:
-            for key, value in point.items():
-                if key not in ("step", "tokens") and value is not None:
-                    writer.add_scalar(f"{kind}/{key}", value, point["step"])
 
     def save(step: int) -> None:
         model_state, optimizer_state = full_state_dicts(raw, optimizer)  # a collective under FSDP
@@ -709,67 +761,46 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
             save_checkpoint(checkpoint, model_state, optimizer_state, step, model_cfg, cfg, curves, _rng_state(device),
                             resumes)
 
+    def train_point(step: int) -> dict[str, Any]:
+        point = _train_point(step, loss, lr, grad_norm, cfg, *clock.take_interval(), flops_per_token, peak, world)
+        if raw.moe_aux_loss is not None:  # load balance of rank 0's last micro-batch (1: uniform)
+            point["moe_aux_loss"] = float(raw.moe_aux_loss)
+        return point
+
     done = saved = start
     loss, stop_votes = math.nan, 0.0
-    train_seconds = interval_seconds = first_step_seconds = 0.0
-    interval_steps = 0
+    clock = _StepClock()
     model.train()
     t0 = time.perf_counter()
-    try:
-        with _catch_sigterm() as sigterm:
-            for step in range(start, start if stopper.stopped else cfg.steps):
-                t_step = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = batch_at(data.train, cfg.sequences_per_step, cfg.seq_len, cfg.seed, step)
-                result = training_step(model, raw, optimizer, x, y, cfg, world, device, dtype,
-                                       stop_requested=sigterm.received)
-                loss, grad_norm, stop_votes = result.loss, result.grad_norm, result.stop_votes
-                if not result.applied:
-                    where = f"the last good checkpoint {checkpoint} is kept" if checkpoint and checkpoint.exists() else "no checkpoint was written"
-                    what = f"loss is {loss}" if not math.isfinite(loss) else \
-                        f"the gradient norm is {grad_norm} while the loss ({loss:.4g}) is finite"
-                    raise TrainingDivergedError(
-                        f"{what} at step {step} (lr {lr:.3g}); the step was not applied and {where}. "
-                        "Lower lr, raise warmup_steps or enable grad_clip."
-                    )
-                done = step + 1
-                elapsed = time.perf_counter() - t_step
-                if step == start:
-                    first_step_seconds = elapsed
-                train_seconds += elapsed
-                interval_seconds += elapsed
-                interval_steps += 1
-                if done % cfg.log_interval == 0 or done == cfg.steps:
-                    point = _train_point(done, loss, lr, grad_norm, cfg, interval_steps, interval_seconds,
-                                         flops_per_token, peak, world)
-                    if raw.moe_aux_loss is not None:  # load balance of rank 0's last micro-batch (1: uniform)
-                        point["moe_aux_loss"] = float(raw.moe_aux_loss)
-                    record("train", point)
-                    interval_seconds, interval_steps = 0.0, 0
-                if done % cfg.eval_interval == 0 or done == cfg.steps:
-                    metrics = evaluate(raw, eval_batches, device, bpt, dtype=dtype, world=world)
-                    record("eval", {"step": done, "tokens": done * cfg.tokens_per_step, **metrics})
-                    stopper.update(done, metrics["loss"])
-                    if stopper.stopped and (not curves["train"] or curves["train"][-1]["step"] != done):
-                        record("train", _train_point(done, loss, lr, grad_norm, cfg, interval_steps,
-                                                     interval_seconds, flops_per_token, peak, world))
-                if checkpoint and (stop_votes or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)):
-                    save(done)
-                    saved = done
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                if stop_votes or stopper.stopped:
-                    break
-    finally:
-        if bar:
-            bar.close()
-        if log:
-            log.close()
-        if writer:
-            writer.close()
+    with contextlib.closing(_RunLog(curves, out_dir, resume, start, cfg, world, progress, model_cfg.mixer)) as run_log, \
+            _catch_sigterm() as sigterm:
+        for step in range(start, start if stopper.stopped else cfg.steps):
+            t_step = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = batch_at(data.train, cfg.sequences_per_step, cfg.seq_len, cfg.seed, step)
+            result = training_step(model, raw, optimizer, x, y, cfg, world, device, dtype,
+                                   stop_requested=sigterm.received)
+            loss, grad_norm, stop_votes = result.loss, result.grad_norm, result.stop_votes
+            if not result.applied:
+                raise _diverged(loss, grad_norm, step, lr, checkpoint)
+            done = step + 1
+            clock.add(time.perf_counter() - t_step)
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                run_log.record("train", train_point(done))
+            if done % cfg.eval_interval == 0 or done == cfg.steps:
+                metrics = evaluate(raw, eval_batches, device, bpt, dtype=dtype, world=world)
+                run_log.record("eval", {"step": done, "tokens": done * cfg.tokens_per_step, **metrics})
+                stopper.update(done, metrics["loss"])
+                if stopper.stopped and (not curves["train"] or curves["train"][-1]["step"] != done):
+                    run_log.record("train", train_point(done))
+            if checkpoint and (stop_votes or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)):
+                save(done)
+                saved = done
+            run_log.stepped(loss)
+            if stop_votes or stopper.stopped:
+                break
     elapsed = time.perf_counter() - t0
     if checkpoint and saved != done:
         save(done)
@@ -780,10 +811,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         raise TrainingInterrupted(f"training stopped by SIGTERM after step {done} of {cfg.steps}; {kept}")
 
     final = final_evaluation(raw, data, cfg, device, dtype, world)
-    # steady-state throughput: the session's first step pays for compilation and warm-up, so it is left out
-    timed_steps, timed_seconds = (done - start - 1, train_seconds - first_step_seconds) if done - start > 1 else \
-        (done - start, train_seconds)
-    tokens_per_second = timed_steps * cfg.tokens_per_step / timed_seconds if timed_seconds > 0 else None
+    tokens_per_second = clock.tokens_per_second(cfg.tokens_per_step)
     memory, memory_source = peak_memory(device)
     if memory is not None and world.distributed:
         memory = int(all_reduce(torch.tensor(float(memory), dtype=torch.float64, device=device), world, op="max").item())
@@ -799,15 +827,15 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         "tokens": done * cfg.tokens_per_step,
         "stopped_early": stopper.stopped,
         "stopped_at_step": done if stopper.stopped else None,
-        "params": params,
-        "params_non_embedding": params_non_embedding,
+        "params": raw.num_params(),
+        "params_non_embedding": raw.num_params(non_embedding=True),
         "params_active": raw.num_params(active=True),  # equal to params but in a mixture of experts
         "sequences_per_step": cfg.sequences_per_step,
         "world_size": world.size,
         "parallel": world.parallel,
         "autocast": "bf16" if dtype is torch.bfloat16 else "off",
         "wall_seconds": elapsed,
-        "train_seconds": train_seconds,
+        "train_seconds": clock.seconds,
         "tokens_per_second": tokens_per_second,
         "flops_per_token": flops_per_token,
         "mfu": _mfu(tokens_per_second, flops_per_token, peak, world),
@@ -820,6 +848,15 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
         **final,
     }
     return TrainResult(model=raw, metrics=metrics, curves=curves, rank=world.rank)
+
+
+def _diverged(loss: float, grad_norm: float, step: int, lr: float, checkpoint: Path | None) -> TrainingDivergedError:
+    where = f"the last good checkpoint {checkpoint} is kept" if checkpoint and checkpoint.exists() else \
+        "no checkpoint was written"
+    what = f"loss is {loss}" if not math.isfinite(loss) else \
+        f"the gradient norm is {grad_norm} while the loss ({loss:.4g}) is finite"
+    return TrainingDivergedError(f"{what} at step {step} (lr {lr:.3g}); the step was not applied and {where}. "
+                                 "Lower lr, raise warmup_steps or enable grad_clip.")
 
 
 def _mfu(tokens_per_second: float | None, flops_per_token: float, peak: float | None, world: World) -> float | None:
