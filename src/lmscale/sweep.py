@@ -267,8 +267,9 @@ class _DirectRunner:
         self.model_fields = {f.name: _field_default(f) for f in dataclasses.fields(ModelConfig)}
         self.train_fields = {f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)}
         # ``preset`` names a shape whose MLP width is solved per mixer (lmscale.presets); model fields the
-        # spec sets override it, as on the command line
-        self.defaults = {"preset": "", **self.model_fields, **self.train_fields}
+        # spec sets override it, as on the command line. ``nproc`` > 1 starts the run under torchrun,
+        # that many processes on this machine (one per GPU), with ``parallel`` ddp or fsdp.
+        self.defaults = {"preset": "", "nproc": 1, **self.model_fields, **self.train_fields}
 
     def resolve(self, params: dict[str, Any], given: tuple[str, ...]) -> dict[str, Any]:
         """The parameters with a preset's model fields filled in, so run ids and checks see the real shape."""
@@ -291,6 +292,14 @@ class _DirectRunner:
         try:
             model = ModelConfig(**{k: v for k, v in run.params.items() if k in self.model_fields})
             train = TrainConfig(**{k: v for k, v in run.params.items() if k in self.train_fields})
+            nproc = run.params["nproc"]
+            if not isinstance(nproc, int) or nproc < 1:
+                raise ConfigError("nproc", nproc, "must be a positive integer: processes (GPUs) on this machine")
+            if (nproc > 1) != (train.parallel in ("ddp", "fsdp")):
+                raise ConfigError("parallel", train.parallel, f"with nproc={nproc} use " + (
+                    "'ddp' or 'fsdp'" if nproc > 1 else "'none' or 'auto' (one process)"))
+            if train.batch_size % nproc:
+                raise ConfigError("batch_size", train.batch_size, f"must divide among nproc={nproc} processes")
             with torch.device("meta"):
                 LanguageModel(model)
             if train.seq_len > model.max_seq_len:
@@ -299,7 +308,13 @@ class _DirectRunner:
             raise _in_run(e, run) from e
 
     def command(self, experiment: str, run: Run, workdir: Path) -> tuple[list[str], str | None, Path]:
-        return _lmscale_command("train", experiment, run), None, repo_root()
+        nproc = run.params["nproc"]
+        given = tuple(k for k in run.given if k != "nproc")
+        argv = _lmscale_command("train", experiment, dataclasses.replace(run, given=given))
+        if nproc > 1:  # torchrun runs ``-m lmscale train …`` in each process
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                    *argv[1:]]
+        return argv, None, repo_root()
 
 
 class _PapermillRunner:
@@ -476,6 +491,7 @@ def _child_env(root: Path, jobs: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines (NCCL under torchrun)
     return env
 
 
