@@ -17,7 +17,8 @@ from test_distributed import configs, make_data
 from test_sweep import TINY
 
 from lmscale.config import ConfigError
-from lmscale.results import read_records
+from lmscale.results import load_records, read_records
+from lmscale.scaleout import scale_out_table
 from lmscale.sweep import load_spec, run_sweep
 from lmscale.train import load_checkpoint, train
 
@@ -46,12 +47,12 @@ def family_configs(family: str):
 
 
 WORKER = """
-import json, shutil, sys
+import json, sys
 sys.path.insert(0, {tests!r})
 import lmscale.train as train_mod
 from test_scale_out import CUT_AT, FAMILIES, family_configs, make_data
 
-out, layout, parallel, resume_from = sys.argv[1:5]
+out, layout, parallel, resume_in = sys.argv[1:5]
 data = make_data()
 real_batch_at = train_mod.batch_at
 
@@ -71,11 +72,7 @@ for family in FAMILIES:
         except KeyboardInterrupt:
             pass
         train_mod.batch_at = real_batch_at
-    target = f"{{out}}/{{layout}}-from-{{resume_from}}/{{family}}"
-    if train_mod.torch.distributed.get_rank() == 0:
-        shutil.copytree(f"{{out}}/{{resume_from}}/{{family}}", target)
-    train_mod.torch.distributed.barrier()
-    result = train_mod.train(model_cfg, train_cfg, data, out_dir=target, resume=True)
+    result = train_mod.train(model_cfg, train_cfg, data, out_dir=f"{{out}}/{{resume_in}}/{{family}}", resume=True)
     resumed[family] = [p["loss"] for p in result.curves["train"]]
 if result.rank == 0:
     print("RESULT " + json.dumps(resumed))
@@ -125,16 +122,23 @@ def test_checkpoints_move_between_process_layouts_for_every_mixer_family(tmp_pat
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(TESTS)))
     run = [sys.executable, "-m", "torch.distributed.run"]
+    def copy(source: str, target: str) -> None:  # a checkpoint to resume elsewhere, the original kept
+        for family in FAMILIES:
+            shutil.copytree(tmp_path / source / family, tmp_path / target / family)
+
     # four processes under FSDP2: cut (a 4-process checkpoint), then resume the 1-process checkpoint
-    four = _launch([[*run, "--standalone", "--nproc_per_node", "4", str(script), str(tmp_path), "four", "fsdp", "one"]])
+    copy("one", "four-from-one")
+    four = _launch([[*run, "--standalone", "--nproc_per_node", "4", str(script), str(tmp_path), "four", "fsdp",
+                     "four-from-one"]])
     # two simulated nodes of one process each, DDP, the README's rendezvous: resume the 4-process checkpoint
     port = _free_port()
     node = [*run, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "scale-out-test",
-            str(script), str(tmp_path), "-", "ddp", "four"]
+            str(script), str(tmp_path), "-", "ddp", "two-from-four"]
+    copy("four", "two-from-four")
     two = _launch([node, node])
+    copy("four", "one-from-four")
     for family in FAMILIES:
-        shutil.copytree(tmp_path / "four" / family, tmp_path / "one-from-four" / family)
         model_cfg, train_cfg = family_configs(family)
         from_four[family] = _losses(train(model_cfg, train_cfg, data, out_dir=tmp_path / "one-from-four" / family,
                                           resume=True).curves)
@@ -156,6 +160,12 @@ def test_a_sweep_with_nproc_runs_under_torchrun(tmp_path):
     assert two["metrics"]["parallel"] == "ddp"
     # the same global batches: the same losses, up to float32 rounding of the all-reduce
     assert two["metrics"]["val_loss"] == pytest.approx(one["metrics"]["val_loss"], rel=1e-5)
+    table = scale_out_table(load_records("scale-out", tmp_path / "results"))
+    assert list(table["gpus"]) == [1, 2] and list(table["parallel"]) == ["none", "ddp"]
+    assert table["efficiency"].iloc[0] == 1.0
+    assert table["efficiency"].iloc[1] == pytest.approx(
+        two["metrics"]["tokens_per_second"] / (2 * one["metrics"]["tokens_per_second"]))
+    assert table["max_loss_gap"].iloc[1] < 1e-4 and table["mixer"].tolist() == ["gla", "gla"]
 
 
 @pytest.mark.parametrize("case,field", [({"nproc": 2, "parallel": "none"}, "parallel"),
