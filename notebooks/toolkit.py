@@ -33,6 +33,7 @@ from lmscale import plots
 from lmscale.config import TrainConfig
 from lmscale.presets import PRESETS, preset, preset_table
 from lmscale.results import load_records
+from lmscale.scaleout import scale_out_table
 from lmscale.scaling import token_budgets
 from lmscale.train import TokenData, train_and_record
 
@@ -59,6 +60,23 @@ assert ((table["ratio_to_attention"] - 1).abs() <= 0.05).all()
 shapes = table[table["mixer"] == "attention"][["preset", "d_model", "n_layers", "n_heads", "params",
                                                "non_embedding_params"]]
 plots.table(shapes, "shapes", formats={"params": "{:,}", "non_embedding_params": "{:,}"})
+
+# %% [markdown]
+# A mixture of experts {cite:p}`shazeer2017moe,lepikhin2021gshard,fedus2022switch` replaces a block's
+# MLP by many SwiGLU experts, of which a router picks `moe_top_k` per token (`ModelConfig.moe_*`,
+# `lmscale.mlp.MoE`, under any mixer): top-k of a softmax over experts, renormalised as in Mixtral
+# {cite:p}`jiang2024mixtral`, Switch's load-balancing loss, and an optional capacity past which
+# assignments are dropped. Such a model holds far more parameters than a token uses, so the presets
+# match it on its **active** parameters (the experts a token passes through). The `jamba` architecture
+# {cite:p}`lieber2024jamba` is Mamba with one attention layer in eight and a 16-expert, top-2 MoE in
+# every other layer; its 1:7 pattern tiles only the presets whose depth is a multiple of eight.
+
+# %%
+moe = preset_table(["attention", "jamba"], ["34M", "50M", "350M", "1.3B"])
+moe = moe[["preset", "mixer", "d_hidden", "params", "total_params", "ratio_to_attention"]].rename(
+    columns={"params": "active params", "total_params": "all params", "ratio_to_attention": "active / attention"})
+plots.table(moe, "moe-presets", formats={"active params": "{:,}", "all params": "{:,}",
+                                         "active / attention": "{:.3f}"})
 
 # %% [markdown]
 # ## How long to train: token budgets
@@ -141,6 +159,39 @@ Markdown(f"*The record above was written on {record['provenance']['hardware']['c
          f"({record['provenance']['hardware']['device']}), torch {record['provenance']['versions']['torch']}, "
          f"commit {str(record['provenance']['git_commit'])[:10]}, {record['provenance']['date']}; "
          f"{result.metrics['tokens_per_second']:,.0f} tokens/s.*")
+
+# %% [markdown]
+# ## More than one GPU
+#
+# Under `torchrun` the trainer takes `parallel="ddp"` or `"fsdp"` (FSDP2's `fully_shard`, one unit per
+# block). Checkpoints hold full, unsharded tensors, so a run moves between layouts: the test suite
+# trains every family of mixer (gated linear attention, retention, Mamba, Gated DeltaNet, LRU, LEAP,
+# Based, Infini-attention, a hybrid and a mixture of experts) on CPU processes talking over gloo, cuts
+# it at a checkpoint written by one process and resumes it on four under FSDP2, cuts it on four and
+# resumes it on one, and on two started as two simulated nodes with the multi-node command of the
+# README (`--nnodes 2 --rdzv-backend c10d`); each resumed run logs the losses of the uninterrupted one.
+# A mixture of experts is the exception that proves the rule: its balance loss is taken over each
+# process's tokens, so its objective shifts with the layout, by about 1e-3 of the loss.
+#
+# How well it scales on GPUs is an experiment, `data/sweeps/multi-gpu.yaml`: the 350M and 1.3B presets
+# of attention, GLA and Mamba on 1, 2, 4 and 8 GPUs of one node under DDP and FSDP2, with the global
+# batch fixed so every layout trains on the same tokens (`nproc` in a sweep starts the run under
+# torchrun). `lmscale.scaleout.scale_out_table` turns its records into throughput, MFU, memory per GPU,
+# efficiency against one GPU and the largest gap between the loss curves.
+
+# %% tags=["nbval-ignore-output"]
+multi = load_records("multi-gpu")
+if multi.empty:
+    display(Markdown("*No multi-GPU records yet: the machines lent to this project so far have one GPU, "
+                     "so `data/results/multi-gpu/` is empty and this table will fill when "
+                     "`lmscale sweep data/sweeps/multi-gpu.yaml` runs on an 8-GPU node.*"))
+else:
+    scale_out = scale_out_table(multi).drop(columns="mfu")
+    commits = sorted({str(c)[:10] for c in multi["git_commit"]})
+    display(plots.table(scale_out, "scale-out", formats={"tokens_per_second": "{:,.0f}", "peak_memory_gib": "{:.1f}",
+                                                         "efficiency": "{:.1%}", "max_loss_gap": "{:.2g}"}))
+    display(Markdown(f"*{len(multi)} records of `data/results/multi-gpu/`, commit {', '.join(commits)}, "
+                     f"{', '.join(sorted(set(map(str, multi['hardware']))))}.*"))
 
 # %% [markdown]
 # ## Fine-tuning with LoRA

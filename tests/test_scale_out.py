@@ -144,8 +144,10 @@ def test_checkpoints_move_between_process_layouts_for_every_mixer_family(tmp_pat
                                           resume=True).curves)
     for family, losses in reference.items():
         for name, resumed in (("1 → 4", four[family]), ("4 → 2", two[family]), ("4 → 1", from_four[family])):
-            # the same global batches, summed in other orders: equal up to float32 rounding
-            assert resumed == pytest.approx(losses, rel=1e-4), (family, name)
+            # the same global batches, summed in other orders: equal up to float32 rounding; except the
+            # mixture of experts, whose balance loss is taken over each process's tokens (as in Switch and
+            # Mixtral), so its objective itself depends on the layout, by 1e-3 of the loss here
+            assert resumed == pytest.approx(losses, rel=3e-3 if family == "moe" else 1e-4), (family, name)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The channel mixers of a block: the dense SwiGLU MLP, and a mixture of SwiGLU experts (Mixtral style).
 
 A mixture-of-experts layer routes each token to ``top_k`` of ``experts`` SwiGLU MLPs (Shazeer et al.
-2017; Fedus et al. 2022; Jiang et al. 2024): a linear router scores the experts, a softmax over all of
+2017; Lepikhin et al. 2021; Fedus et al. 2022; Jiang et al. 2024): a linear router scores the experts, a softmax over all of
 them gives probabilities, the ``top_k`` highest are kept and renormalised to sum to one (Mixtral), and
 the token's output is their weighted sum. Two things make it train:
 
@@ -12,6 +12,10 @@ the token's output is their weighted sum. Two things make it train:
   tokens. Assignments are served first choices first, then in token order (GShard); the ones past
   capacity are dropped, so that token gets only its other experts (and the residual). ``None`` is
   dropless: no assignment is ever dropped, as in Mixtral and MegaBlocks.
+
+The balance loss is taken over the tokens of one forward: under DDP or FSDP, each process's share of
+a micro-batch (as in Switch and Mixtral). So unlike a dense model, a mixture-of-experts run's objective
+depends a little on how its global batch is laid out over processes and micro-steps.
 
 Every expert runs in every forward, on however many tokens it got (zero included), so each expert
 is in the autograd graph: DDP then needs no ``find_unused_parameters``.
