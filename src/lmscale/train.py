@@ -764,7 +764,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, out_dir: P
     def train_point(step: int) -> dict[str, Any]:
         point = _train_point(step, loss, lr, grad_norm, cfg, *clock.take_interval(), flops_per_token, peak, world)
         if raw.moe_aux_loss is not None:  # load balance of rank 0's last micro-batch (1: uniform)
-            point["moe_aux_loss"] = float(raw.moe_aux_loss)
+            point["moe_aux_loss"] = float(raw.moe_aux_loss.detach())
         return point
 
     done = saved = start
