@@ -108,6 +108,12 @@ def findings() -> str:
     return "\n\n".join(parts)
 
 
+def variant(r: pd.Series) -> str:
+    """How a model was trained: float or its QAT scheme, and a ReLU-gated MLP where it has one."""
+    trained = r.get("config.train.quantize") or "float"
+    return trained + (", ReLU MLP" if r.get("config.model.mlp_activation") == "relu" else "")
+
+
 def precision_table() -> pd.DataFrame:
     """Change in validation loss (nats) under each scheme, per trained model."""
     def delta(r: pd.Series, key: str) -> float | None:
@@ -115,7 +121,7 @@ def precision_table() -> pd.DataFrame:
         return value.get("delta") if isinstance(value, dict) else None
 
     return pd.DataFrame([
-        {"model": f"{r['config.model.mixer']} d={r['config.model.d_model']} ({r.get('config.train.quantize') or 'float'})",
+        {"model": f"{r['config.model.mixer']} d={r['config.model.d_model']} ({variant(r)})",
          "float loss": r["metrics.float"]["loss"], "int8": delta(r, "int8"), "w4": delta(r, "w4"),
          "ternary": delta(r, "ternary"), "decode loss": r["metrics.decode_float"]["loss"],
          "state8": delta(r, "decode_state8"), "state4": delta(r, "decode_state4")}
@@ -197,9 +203,8 @@ else:
 def sparsity_table() -> pd.DataFrame:
     rows = []
     for _, r in precision.iterrows():
-        trained = r.get("config.train.quantize") or "float"
         for s in r["metrics.sparsity"]:
-            rows.append({"model": f"{r['config.model.mixer']} ({trained})", **s})
+            rows.append({"model": f"{r['config.model.mixer']} ({variant(r)})", **s})
     frame = pd.DataFrame(rows)
     return frame.groupby(["model", "site"], as_index=False)[["zero", "near_zero"]].mean()
 

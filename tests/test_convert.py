@@ -34,6 +34,16 @@ def test_a_saved_llama_folder_loads_with_equal_logits_and_goes_back(tmp_path):
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+def test_a_relu_gated_llama_keeps_its_gate():
+    llama = _llama(hidden_act="relu")
+    model = from_llama(llama).eval()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert model.cfg.mlp_activation == "relu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), llama(tokens).logits, rtol=1e-5, atol=1e-5)
+        assert to_llama(model).config.hidden_act == "relu"
+
+
 def test_what_the_block_cannot_express_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="output head is a separate matrix"):
         from_llama(_llama(tie_word_embeddings=False))

@@ -155,6 +155,28 @@ def test_training_objective_adds_the_weighted_balance_loss_and_evaluation_does_n
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_a_model_copies_after_a_training_forward_without_its_graph():
+    import copy
+
+    model = LanguageModel(moe_config())
+    idx = torch.randint(0, 97, (2, 12))
+    model(idx, targets=idx).backward()
+    twin = copy.deepcopy(model)
+    assert all(b.mlp.aux_loss is None for b in twin.blocks if isinstance(b.mlp, MoE))
+    assert model.moe_aux_loss.grad_fn is None
+
+
+def test_relu_gates_give_exact_zeros_and_an_unknown_activation_names_the_choices():
+    torch.manual_seed(0)
+    model = LanguageModel(moe_config(mlp_activation="relu", moe_experts=0))
+    hidden = []
+    model.blocks[0].mlp.down_proj.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
+    model(torch.randint(0, 97, (2, 12)))
+    assert 0.3 < float((hidden[0] == 0).float().mean()) < 0.7
+    with pytest.raises(ConfigError, match="'mlp_activation'='gelu': must be one of 'silu', 'relu'"):
+        moe_config(mlp_activation="gelu")
+
+
 def test_decoding_token_by_token_equals_the_forward():
     torch.manual_seed(0)
     model = LanguageModel(moe_config(mixer="attention")).eval()

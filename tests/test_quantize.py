@@ -136,3 +136,17 @@ def test_a_ternary_trained_model_reloads_as_trained_and_its_study_is_recorded(tm
     assert all(0 <= row["zero"] <= row["near_zero"] <= 1 for row in metrics["sparsity"])
     (record,) = read_records(path)
     assert record["run_id"] == "precision-gla-d32-l2-s30-ternary-seed0" and record["kind"] == "precision"
+
+
+def test_a_relu_gated_mixture_of_experts_shows_its_zeros_in_the_sparsity_study(tmp_path):
+    data = _token_data()
+    model_cfg = ModelConfig(mixer="gla", vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32,
+                            mlp_activation="relu", moe_experts=4, moe_every=2)
+    train_cfg = TrainConfig(steps=10, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_interval=10,
+                            eval_batches=2, log_interval=5, tensorboard=False)
+    train(model_cfg, train_cfg, data, out_dir=tmp_path / "run")
+    _, metrics = precision_and_record(tmp_path / "run" / "checkpoint.pt", eval_batches=2, batch_size=4,
+                                      decode_windows=2, decode_len=16, results_root=tmp_path / "results", data=data)
+    hidden = {row["layer"]: row["zero"] for row in metrics["sparsity"] if row["site"] == "mlp hidden"}
+    assert set(hidden) == {0, 1}  # the dense layer 0 and the experts of layer 1
+    assert all(0.2 < zero < 0.9 for zero in hidden.values())  # ReLU: exact zeros, about half of them

@@ -37,6 +37,7 @@ class _Fields:
 
 IGNORE_INDEX = -100  # a target equal to this adds nothing to the loss (as in F.cross_entropy)
 HYBRID_ATTENTION = "attention"  # the mixer that ``attention_every`` interleaves
+MLP_ACTIVATIONS = ("silu", "relu")  # lmscale.mlp's gate nonlinearities
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ModelConfig(_Fields):
     n_heads: int = 4
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model, rounded up to mlp_multiple
     mlp_multiple: int = 32
+    mlp_activation: str = "silu"  # the MLP's gate: "silu" (SwiGLU) or "relu" (ReGLU: exact zeros, sparse events)
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -100,6 +102,9 @@ class ModelConfig(_Fields):
                 self.d_model,
                 f"must be divisible by n_heads={self.n_heads} (each head gets d_model / n_heads channels)",
             )
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ConfigError("mlp_activation", self.mlp_activation,
+                              f"must be one of {', '.join(map(repr, MLP_ACTIVATIONS))}")
         if not isinstance(self.mixer_options, dict):
             raise ConfigError("mixer_options", self.mixer_options, "must be a dict of mixer keyword options")
         self._validate_layer_pattern()

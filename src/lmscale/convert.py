@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmscale.config import ConfigError, ModelConfig
+from lmscale.config import MLP_ACTIVATIONS, ConfigError, ModelConfig
 from lmscale.model import LanguageModel
 
 _LAYER = {
@@ -54,8 +54,8 @@ def _check(config) -> None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise _refuse("rope_parameters", rope, "RoPE is scaled")
-    if config.hidden_act != "silu":
-        raise _refuse("hidden_act", config.hidden_act, "the MLP's activation is not SiLU")
+    if config.hidden_act not in MLP_ACTIVATIONS:
+        raise _refuse("hidden_act", config.hidden_act, f"the MLP's activation is none of {', '.join(MLP_ACTIVATIONS)}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise _refuse("head_dim", head_dim, "heads do not split the width evenly")
@@ -76,7 +76,7 @@ def model_config_from_llama(config) -> ModelConfig:
                        n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
                        mlp_ratio=config.intermediate_size / config.hidden_size, mlp_multiple=config.intermediate_size,
                        max_seq_len=config.max_position_embeddings, rope_theta=_rope_theta(config),
-                       norm_eps=config.rms_norm_eps, mixer_options=options)
+                       norm_eps=config.rms_norm_eps, mixer_options=options, mlp_activation=config.hidden_act)
 
 
 def from_llama(source: str | Path | Any) -> LanguageModel:
@@ -116,7 +116,7 @@ def to_llama(model: LanguageModel):
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                          num_key_value_heads=options.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
                          rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
-                         hidden_act="silu", attention_bias=False, mlp_bias=False)
+                         hidden_act=cfg.mlp_activation, attention_bias=False, mlp_bias=False)
     ours = model.state_dict()
     state = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["norm.weight"],
              "lm_head.weight": ours["embed.weight"]}

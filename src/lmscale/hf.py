@@ -71,6 +71,7 @@ class LmscaleConfig(PreTrainedConfig):
     n_heads: int = 4
     mlp_ratio: float = 8 / 3
     mlp_multiple: int = 32
+    mlp_activation: str = "silu"
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

@@ -29,18 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
+
 
 class SwiGLU(nn.Module):
-    """Gated MLP: down(silu(gate(x)) ⊙ up(x)), hidden width ``d_hidden``."""
+    """Gated MLP: down(act(gate(x)) ⊙ up(x)), hidden width ``d_hidden``. ``act`` is SiLU (SwiGLU) or ReLU
+    (ReGLU, Shazeer 2020): ReLU's exact zeros are events an event-driven chip can skip."""
 
-    def __init__(self, d_model: int, d_hidden: int):
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_hidden, bias=False)
         self.up_proj = nn.Linear(d_model, d_hidden, bias=False)
         self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoE(nn.Module):
@@ -51,15 +55,20 @@ class MoE(nn.Module):
     expert's share of the assignments (both detached, for logs and tests).
     """
 
-    def __init__(self, d_model: int, d_hidden: int, experts: int, top_k: int, capacity_factor: float | None = None):
+    def __init__(self, d_model: int, d_hidden: int, experts: int, top_k: int, capacity_factor: float | None = None,
+                 activation: str = "silu"):
         super().__init__()
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.router = nn.Linear(d_model, experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(d_model, d_hidden) for _ in range(experts))
+        self.experts = nn.ModuleList(SwiGLU(d_model, d_hidden, activation) for _ in range(experts))
         self.aux_loss: Tensor | None = None
         self.dropped: int = 0
         self.load: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last batch's balance loss, a tensor of that batch's graph."""
+        return {**self.__dict__, "aux_loss": None}
 
     def capacity(self, tokens: int) -> int | None:
         """Most assignments one expert takes from a batch of ``tokens`` tokens (None: no limit)."""

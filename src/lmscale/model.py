@@ -33,8 +33,9 @@ class Block(nn.Module):
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer_idx)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = (MoE(cfg.d_model, cfg.d_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor)
-                    if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.d_hidden))
+        self.mlp = (MoE(cfg.d_model, cfg.d_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor,
+                        cfg.mlp_activation)
+                    if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.d_hidden, cfg.mlp_activation))
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> tuple[Tensor, Any]:
         """x [B, T, D] -> (x [B, T, D], the mixer's final state if ``return_state`` else None)."""
@@ -99,7 +100,7 @@ class LanguageModel(nn.Module):
         With ``targets`` [B, T] it returns the next-token loss instead of the logits, computed with the
         head chunk by chunk (``lmscale.loss``): the [B·T, V] logits are never materialised. In training
         mode a mixture-of-experts model adds ``moe_aux_loss_coef`` × its load-balancing loss to a mean
-        loss (the objective); ``moe_aux_loss`` keeps that loss, averaged over the MoE layers, for logs.
+        loss (the objective); ``moe_aux_loss`` keeps that loss (detached), averaged over the MoE layers, for logs.
         """
         states = [None] * len(self.blocks) if state is None else state
         x = self.embed(idx)  # (B, T, D)
@@ -118,9 +119,10 @@ class LanguageModel(nn.Module):
             out = linear_cross_entropy(self.norm(x), self.head.weight, targets, reduction=loss_reduction,
                                        impl=loss_impl)
             if self.cfg.moe_experts:
-                self.moe_aux_loss = torch.stack([b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)]).mean()
+                aux = torch.stack([b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)]).mean()
+                self.moe_aux_loss = aux.detach()
                 if self.training and loss_reduction == "mean":
-                    out = out + self.cfg.moe_aux_loss_coef * self.moe_aux_loss
+                    out = out + self.cfg.moe_aux_loss_coef * aux
         else:
             out = self.head(self.norm(x[:, -1:] if last_only else x))  # (B, T or 1, V)
         return (out, new_states) if return_state else out

@@ -106,8 +106,9 @@ def _observed_steps(model: LanguageModel, sparsity: _Sparsity | None) -> Iterato
     if sparsity is None:
         yield
         return
-    hooks = [block.mlp.down_proj.register_forward_pre_hook(lambda _m, args, i=i: sparsity.add(i, "mlp hidden", args[0]))
-             for i, block in enumerate(model.blocks)]
+    hooks = [down.register_forward_pre_hook(lambda _m, args, i=i: sparsity.add(i, "mlp hidden", args[0]))
+             for i, block in enumerate(model.blocks)
+             for down in [m for name, m in block.mlp.named_modules() if name.endswith("down_proj")]]  # an MoE: each expert's
     for i, block in enumerate(model.blocks):
         def step(x_t, state, _original=block.mixer.step, i=i):
             before = [] if isinstance(state, KVCache) else [t.clone() for t in _leaves(state)]
@@ -194,8 +195,8 @@ def precision_and_record(checkpoint: Path, *, device: str = "cpu", eval_batches:
     decode = eval_windows(tokens, 1, decode_windows, decode_len)
     metrics = precision_study(model, batches, decode, torch_device)
     cfg = model.cfg
-    run_id = run_id or (f"precision-{cfg.mixer}-d{cfg.d_model}-l{cfg.n_layers}-s{train_cfg.steps}"
-                        f"{'-' + train_cfg.quantize if train_cfg.quantize else ''}-seed{train_cfg.seed}")
+    variant = "".join(f"-{v}" for v in (train_cfg.quantize, cfg.mlp_activation if cfg.mlp_activation != "silu" else "") if v)
+    run_id = run_id or f"precision-{cfg.mixer}-d{cfg.d_model}-l{cfg.n_layers}-s{train_cfg.steps}{variant}-seed{train_cfg.seed}"
     config = {"model": cfg.to_dict(), "train": train_cfg.to_dict(),
               "precision": {"checkpoint": Path(checkpoint).name, "eval_batches": eval_batches, "batch_size": batch_size,
                             "decode_windows": decode_windows, "decode_len": decode_len, "split": "validation",
