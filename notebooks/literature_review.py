@@ -481,6 +481,33 @@ for t in range(12, 20):
 assert close(torch.cat(stepped, dim=1), hybrid(tokens))
 
 # %% [markdown]
+# Jamba also makes every other MLP a mixture of experts: 16 SwiGLU experts of which a router sends each
+# token to two {cite:p}`shazeer2017moe,fedus2022switch,jiang2024mixtral`, so the model holds about three
+# times the parameters a token uses. Experts change what a layer computes per token, not the sequence
+# mixing, so a mixture of experts sits beside any mixer (`moe_experts`, `moe_top_k`, `moe_every`) and
+# decodes through the same states; `preset(size, "jamba")` builds Jamba's layout at the presets whose
+# depth is a multiple of eight, matched to attention on the parameters a token uses.
+
+# %%
+import dataclasses
+
+from lmscale.presets import param_counts, preset
+
+jamba_cfg = preset("34M", "jamba")
+active, total = param_counts(jamba_cfg, active=True)[0], param_counts(jamba_cfg)[0]
+# the same layout, narrow enough to decode here in float64
+jamba = LanguageModel(dataclasses.replace(jamba_cfg, d_model=32, n_heads=4, vocab_size=97, max_seq_len=64)).double()
+assert [type(b.mlp).__name__ for b in jamba.blocks] == ["SwiGLU", "MoE"] * 4
+assert [jamba.cfg.mixer_for_layer(i) for i in range(8)] == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
+logits, state = jamba(tokens[:, :12], return_state=True)
+stepped = [logits]
+for t in range(12, 20):
+    step_logits, state = jamba.step(tokens[:, t], state)
+    stepped.append(step_logits.unsqueeze(1))
+assert close(torch.cat(stepped, dim=1), jamba(tokens))
+print(f"Jamba at the 34M preset: {active / 1e6:.1f}M parameters per token of {total / 1e6:.1f}M in all")
+
+# %% [markdown]
 # ## What each mixer costs
 #
 # Every mixer states its costs analytically — the decoding state it carries (`state_bytes`), the
