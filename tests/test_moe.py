@@ -216,3 +216,13 @@ def test_jamba_preset_is_the_papers_layout():
     assert abs(row["ratio_to_attention"] - 1) <= 0.05 and row["total_params"] > 2.5 * row["params"]
     with pytest.raises(ConfigError, match="groups of 8"):
         preset("125M", "jamba")
+
+
+def test_a_sweep_names_jamba_and_hands_its_runs_the_name():
+    from lmscale.sweep import _DirectRunner, expand, parse_spec
+
+    [run] = expand(parse_spec({"experiment": "e", "fixed": {"preset": "34M", "steps": 2, "warmup_steps": 1},
+                               "grid": {"mixer": ["jamba"]}}))
+    assert run.run_id.startswith("jamba-d384-l8") and run.params["moe_experts"] == 16
+    command = _DirectRunner().command("e", run, None)[0]
+    assert command[command.index("--mixer") + 1] == "jamba" and "--preset" in command

@@ -45,7 +45,7 @@ class ModelConfig(_Fields):
     """Shape of a GPT-style language model: pre-norm blocks of (mixer, GLU MLP), tied embeddings.
 
     Every layer uses ``mixer`` unless the config declares a hybrid (Jamba style), one of two ways:
-    ``layers`` names each layer's mixer explicitly (then ``mixer`` is unused), or ``attention_every=N``
+    ``layers`` names each layer's mixer explicitly (then ``mixer`` is only the model's name, e.g. "jamba"), or ``attention_every=N``
     makes the last layer of each group of N softmax attention and the others ``mixer`` — layers N−1,
     2N−1, … (0-based), so N=8 is Jamba's 1:7 ratio (Jamba itself puts attention at offset 4 of each
     group; ``layers`` expresses that or any other placement). In a model that mixes several mixers,

@@ -79,7 +79,7 @@ def _jamba(preset_name: str, shape: Shape) -> dict[str, Any]:
         fits = [p for p, s in _SHAPES.items() if s.n_layers % period == 0]
         raise ConfigError("preset", preset_name, f"has {shape.n_layers} layers; Jamba's 1:7 attention pattern tiles "
                                                  f"groups of {period}, so use one of {', '.join(fits)}")
-    return {"mixer": "mamba", "layers": ["attention" if i % period == offset else "mamba" for i in range(shape.n_layers)],
+    return {"mixer": "jamba", "layers": ["attention" if i % period == offset else "mamba" for i in range(shape.n_layers)],
             "moe_experts": 16, "moe_top_k": 2, "moe_every": 2, "moe_aux_loss_coef": 1e-3}
 
 
