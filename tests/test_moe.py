@@ -167,6 +167,10 @@ def test_a_model_copies_after_a_training_forward_without_its_graph():
 
 
 def test_relu_gates_give_exact_zeros_and_an_unknown_activation_names_the_choices():
+    from lmscale.config import MLP_ACTIVATIONS
+    from lmscale.mlp import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(MLP_ACTIVATIONS)  # the config's names (no torch there) are the module's
     torch.manual_seed(0)
     model = LanguageModel(moe_config(mlp_activation="relu", moe_experts=0))
     hidden = []
