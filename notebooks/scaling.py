@@ -147,7 +147,7 @@ Markdown(
 
 # %% tags=["hide-input"]
 if grid.empty:
-    display(Markdown("*Not yet measured: `data/results/scaling-lr/` holds no GPU records.*"))
+    display(Markdown("*Not yet measured: `data/results/scaling-lr/` holds no finished GPU run.*"))
 else:
     pivot = grid.pivot_table(index=["model", "d_model"], columns="lr", values="val_loss").reset_index()
     pivot.columns = [c if isinstance(c, str) else f"lr {c:g}" for c in pivot.columns]
