@@ -473,12 +473,19 @@ hybrid_cfg = ModelConfig(mixer="gla", attention_every=4, n_layers=8, vocab_size=
 assert [hybrid_cfg.mixer_for_layer(i) for i in range(8)] == ["gla", "gla", "gla", "attention"] * 2
 hybrid = LanguageModel(hybrid_cfg).double()
 tokens = torch.randint(0, 97, (2, 20))
-logits, state = hybrid(tokens[:, :12], return_state=True)
-stepped = [logits]
-for t in range(12, 20):
-    step_logits, state = hybrid.step(tokens[:, t], state)
-    stepped.append(step_logits.unsqueeze(1))
-assert close(torch.cat(stepped, dim=1), hybrid(tokens))
+
+
+def decodes_as_it_runs(model: LanguageModel, prefix: int = 12) -> bool:
+    """A prefill of ``prefix`` tokens, then one step per token: the logits of one parallel forward."""
+    logits, state = model(tokens[:, :prefix], return_state=True)
+    stepped = [logits]
+    for t in range(prefix, tokens.shape[1]):
+        step_logits, state = model.step(tokens[:, t], state)
+        stepped.append(step_logits.unsqueeze(1))
+    return close(torch.cat(stepped, dim=1), model(tokens))
+
+
+assert decodes_as_it_runs(hybrid)
 
 # %% [markdown]
 # Jamba also makes every other MLP a mixture of experts: 16 SwiGLU experts of which a router sends each
@@ -499,12 +506,7 @@ active, total = param_counts(jamba_cfg, active=True)[0], param_counts(jamba_cfg)
 jamba = LanguageModel(dataclasses.replace(jamba_cfg, d_model=32, n_heads=4, vocab_size=97, max_seq_len=64)).double()
 assert [type(b.mlp).__name__ for b in jamba.blocks] == ["SwiGLU", "MoE"] * 4
 assert [jamba.cfg.mixer_for_layer(i) for i in range(8)] == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
-logits, state = jamba(tokens[:, :12], return_state=True)
-stepped = [logits]
-for t in range(12, 20):
-    step_logits, state = jamba.step(tokens[:, t], state)
-    stepped.append(step_logits.unsqueeze(1))
-assert close(torch.cat(stepped, dim=1), jamba(tokens))
+assert decodes_as_it_runs(jamba)
 print(f"Jamba at the 34M preset: {active / 1e6:.1f}M parameters per token of {total / 1e6:.1f}M in all")
 
 # %% [markdown]
