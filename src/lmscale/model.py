@@ -1,8 +1,9 @@
 """GPT-style language model around any registered sequence mixer.
 
     tokens ─► embedding ─► n_layers × [x + mixer(RMSNorm(x)); x + MLP(RMSNorm(x))] ─► RMSNorm ─► head
-The MLP is a SwiGLU, or a mixture of SwiGLU experts in the layers ``cfg.is_moe_layer`` names. The head shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from
-per-layer states (KV caches for attention, fixed-size matrices for recurrent mixers). Each block's mixer
+The MLP is a SwiGLU, or a mixture of SwiGLU experts in the layers ``cfg.is_moe_layer`` names. The head
+shares the embedding matrix. ``forward`` trains and prefills, ``step`` decodes one token from per-layer
+states (KV caches for attention, fixed-size matrices for recurrent mixers). Each block's mixer
 is ``cfg.mixer_for_layer(i)``, so a hybrid (say GLA with one attention layer in four) is the same model
 with a per-layer list of states of different kinds.
 """

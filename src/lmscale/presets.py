@@ -86,9 +86,6 @@ def _jamba(preset_name: str, shape: Shape) -> dict[str, Any]:
 # architectures that are more than one mixer: a name usable wherever a preset takes a mixer
 ARCHITECTURES = {"jamba": _jamba}
 
-# fields that say which mixer each layer runs; the attention reference of a preset drops them
-_MIXER_FIELDS = ("mixer", "mixer_options", "layers", "attention_every", "mlp_ratio")
-
 TABLE_COLUMNS = ("preset", "mixer", "d_model", "n_layers", "n_heads", "d_hidden", "params",
                  "non_embedding_params", "ratio_to_attention", "total_params", "note")
 

@@ -664,7 +664,7 @@ class _RunLog:
         self.log = self.writer = self.bar = None
         if out_dir and world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.log = open(out_dir / "log.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+            self.log = open(out_dir / "log.jsonl", "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self.writer = _tensorboard(out_dir, start) if cfg.tensorboard else None
         if progress and world.is_main:
             from tqdm.auto import tqdm
