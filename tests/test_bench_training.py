@@ -97,3 +97,17 @@ def test_counting_out_of_memory_keeps_the_timed_step(tmp_path, monkeypatch):
     assert record["status"] == "ok" and m["tokens_per_second"] > 0
     assert m["flops_counted_per_token"] is None and m["mfu_counted"] is None
     assert m["flops_counted_error"].startswith("counting ran out of memory on the PyTorch forms: CUDA out of memory")
+
+
+def test_an_architecture_of_several_mixers_gets_each_mixers_pytorch_form_by_name():
+    import torch
+
+    from lmscale.bench.training import _model_config, torch_forms
+    from lmscale.model import LanguageModel
+
+    assert torch_forms("mamba", "34M") == {"impl": "torch"}
+    assert torch_forms("jamba", "34M") == {"mamba": {"impl": "torch"}}  # attention has no PyTorch-form option
+    cfg = _model_config(_quick("jamba", preset="34M"), **torch_forms("jamba", "34M"))
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    assert {b.mixer.impl for b in model.blocks if type(b.mixer).__name__ == "Mamba"} == {"torch"}

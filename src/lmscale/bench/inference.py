@@ -157,7 +157,7 @@ def counted_forward_flops(point: Point, device) -> float:
     from lmscale.model import LanguageModel
 
     cfg = model_config(point)
-    forms = torch_forms(point.mixer)
+    forms = torch_forms(point.mixer, point.preset)
     if forms:
         cfg = type(cfg)(**{**cfg.to_dict(), "mixer_options": {**cfg.mixer_options, **forms}})
     model = LanguageModel(cfg).to(device=device, dtype=getattr(torch, point.dtype)).eval()

@@ -105,12 +105,19 @@ def _model_config(point: Point, **mixer_options: Any):
                   **({"mixer_options": mixer_options} if mixer_options else {}))
 
 
-def torch_forms(mixer: str) -> dict[str, Any]:
-    """Mixer options that select the PyTorch forms, which FlopCounterMode can see (Triton kernels it cannot)."""
+def torch_forms(mixer: str, preset_name: str) -> dict[str, Any]:
+    """Mixer options that select the PyTorch forms, which FlopCounterMode can see (Triton kernels it cannot).
+    For an architecture of several mixers (``jamba``), keyed by each mixer's name, as a hybrid takes them."""
     from lmscale.mixers import MIXERS
+    from lmscale.presets import ARCHITECTURES, preset
 
-    option = MIXERS[mixer].options.get("impl")
-    return {"impl": "torch"} if option is not None and "torch" in option.choices else {}
+    def forms(name: str) -> dict[str, Any]:
+        option = MIXERS[name].options.get("impl")
+        return {"impl": "torch"} if option is not None and "torch" in option.choices else {}
+
+    if mixer not in ARCHITECTURES:
+        return forms(mixer)
+    return {name: options for name in preset(preset_name, mixer).mixer_names if (options := forms(name))}
 
 
 def counted_flops_per_token(point: Point, device) -> float:
@@ -121,7 +128,7 @@ def counted_flops_per_token(point: Point, device) -> float:
     from lmscale.model import LanguageModel
     from lmscale.train import autocast_dtype
 
-    model = LanguageModel(_model_config(point, **torch_forms(point.mixer))).to(device)
+    model = LanguageModel(_model_config(point, **torch_forms(point.mixer, point.preset))).to(device)
     dtype = autocast_dtype("auto", device)
     idx = torch.randint(0, model.cfg.vocab_size, (1, point.seq_len + 1), device=device)
     counter = FlopCounterMode(display=False)
