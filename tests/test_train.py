@@ -517,6 +517,16 @@ def test_final_evaluation_scores_whole_splits_and_positions(tmp_path):
     assert len(result.metrics["position_loss"]["16"]["loss"]) == 16
 
 
+def test_evaluation_builds_no_autograd_graph():
+    """A graph kept across evaluation batches grew with the split: 15 GB at 11M parameters on the GPU."""
+    model = LanguageModel(_cfgs()[0])
+    grad_modes = []
+    model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    windows = torch.from_numpy(split_windows(_data().validation, 32, 256))
+    evaluate(model, [(windows[:4, :-1], windows[:4, 1:]), (windows[4:, :-1], windows[4:, 1:])], torch.device("cpu"), None)
+    assert grad_modes == [False, False]
+
+
 def test_final_evaluation_mistakes_fail_before_training():
     model_cfg, cfg = _cfgs(final_eval=["tset"])
     with pytest.raises(ConfigError, match="'final_eval'='tset': is not a split of this corpus; its splits are "

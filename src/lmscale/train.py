@@ -266,7 +266,6 @@ def _catch_sigterm() -> Iterator[_SigtermFlag]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-@torch.no_grad()
 def split_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0, eos_id: int | None = None,
                   multiple: int = 1) -> np.ndarray:
     """Consecutive, non-overlapping windows of ``seq_len + 1`` tokens ([n, seq_len + 1], int64).
@@ -341,6 +340,7 @@ def position_loss(model: LanguageModel, data: TokenData, length: int, cfg: Train
             "loss": [float(mean[a:b].mean()) for a, b in itertools.pairwise(edges.tolist())]}
 
 
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
