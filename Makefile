@@ -38,7 +38,7 @@ GPU_TESTS := tests/test_triton_chunk.py tests/test_triton_cumulative_softmax.py 
 	tests/test_triton_scan_complex.py tests/test_triton_selective_scan.py tests/test_triton_step.py \
 	tests/test_loss.py tests/test_decode.py
 test-gpu:
-	LMSCALE_TEST_RECORD=data/results/gpu-tests PYTHONPATH=src $(PYTHON) -m pytest -q $(GPU_TESTS)
+	LMSCALE_TEST_RECORD=data/results/gpu-tests PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q $(GPU_TESTS)
 
 setup: $(STAMP)
 
