@@ -40,9 +40,12 @@ state_bits = 16  # the state on chip; the precision section measures what 8 and 
 # %% tags=["hide-input"]
 import altair as alt
 import pandas as pd
+import torch
 from IPython.display import Markdown, display
 
 from lmscale import plots
+from lmscale.model import LanguageModel
+from lmscale.presets import preset
 from lmscale.profile.chips import CHIPS, fit_table
 from lmscale.profile.energy import HOROWITZ_45NM_INT8, chip_energy
 from lmscale.profile.opmix import KIND_MEANING, KINDS, op_mix_table
@@ -101,10 +104,7 @@ def findings() -> str:
         parts.append("**Precision and sparsity: not yet measured.** `data/results/neuromorphic/` holds no "
                      "`lmscale precision` records of trained models.")
     else:
-        table = precision_table()
-        parts.append(f"**Precision (measured, {len(precision)} trained models):** " + "; ".join(
-            f"{r['model']}: int8 {r['int8']:+.3f}, int4 weights {r['w4']:+.3f}, state in 4 bits {r['state4']:+.3f} nats"
-            for _, r in table.iterrows()) + ".")
+        parts += precision_findings(precision_table(), sparsity_table())
     return "\n\n".join(parts)
 
 
@@ -115,17 +115,69 @@ def variant(r: pd.Series) -> str:
 
 
 def precision_table() -> pd.DataFrame:
-    """Change in validation loss (nats) under each scheme, per trained model."""
+    """Change in validation loss (nats) under each scheme, per trained model. A model trained with
+    quantisation is scored as trained, so the schemes applied after training are left empty for it; its
+    cost is its loss against its float twin (same mixer, SiLU MLP, float training)."""
     def delta(r: pd.Series, key: str) -> float | None:
         value = r.get(f"metrics.{key}")
-        return value.get("delta") if isinstance(value, dict) else None
+        return value.get("delta") if isinstance(value, dict) and not r.get("config.train.quantize") else None
 
-    return pd.DataFrame([
-        {"model": f"{r['config.model.mixer']} d={r['config.model.d_model']} ({variant(r)})",
+    frame = pd.DataFrame([
+        {"mixer": r["config.model.mixer"], "d_model": r["config.model.d_model"], "trained": variant(r),
          "float loss": r["metrics.float"]["loss"], "int8": delta(r, "int8"), "w4": delta(r, "w4"),
          "ternary": delta(r, "ternary"), "decode loss": r["metrics.decode_float"]["loss"],
-         "state8": delta(r, "decode_state8"), "state4": delta(r, "decode_state4")}
+         "state8": r["metrics.decode_state8"].get("delta"), "state4": r["metrics.decode_state4"].get("delta")}
         for _, r in precision.iterrows()])
+    twin = frame[frame["trained"] == "float"].set_index(["mixer", "d_model"])["float loss"]
+    frame.insert(4, "vs float twin", [
+        loss - twin.get((m, d), float("nan")) if trained != "float" else None
+        for m, d, trained, loss in frame[["mixer", "d_model", "trained", "float loss"]].itertuples(index=False)])
+    return frame.sort_values(["mixer", "trained"], ignore_index=True)
+
+
+def sparsity_table() -> pd.DataFrame:
+    """Share of exact and near zeros per model and site, averaged over the layers."""
+    rows = []
+    for _, r in precision.iterrows():
+        for s in r["metrics.sparsity"]:
+            rows.append({"mixer": r["config.model.mixer"], "trained": variant(r), **s})
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["mixer", "trained", "site"], as_index=False)[["zero", "near_zero"]].mean()
+
+
+def span(values: pd.Series, fmt: str = "{:+.3f}") -> str:
+    return fmt.format(values.min()) if values.min() == values.max() else \
+        f"{fmt.format(values.min())} to {fmt.format(values.max())}"
+
+
+def precision_findings(table: pd.DataFrame, sparse: pd.DataFrame) -> list[str]:
+    """The precision and sparsity paragraphs of the findings, read from the records."""
+    floats = table[table["trained"] == "float"].set_index("mixer")
+    ternary = table[table["trained"] == "ternary"].set_index("mixer")["vs float twin"].dropna()
+    relu = table[table["trained"] == "float, ReLU MLP"].set_index("mixer")["vs float twin"].dropna()
+    sizes = ", ".join(f"d={d}" for d in sorted(table["d_model"].unique()))
+    parts = [
+        f"**Precision (measured on {len(table)} trained models, {sizes}; change in validation loss, nats).** "
+        f"Applied after training, int8 weights and activations change the loss by at most "
+        f"{floats['int8'].abs().max():.3f}, "
+        f"4-bit weights by {span(floats['w4'])}. Ternary weights applied after training cost "
+        f"{span(floats['ternary'], '{:+.2f}')}"
+        + (f"; trained with BitNet b1.58 from the start, the models end {span(ternary)} above their float "
+           f"twins (least: {ternary.idxmin()}, most: {ternary.idxmax()})" if len(ternary) else "")
+        + f". Decoding with the state rounded to 8 bits after every step changes the loss by at most "
+          f"{floats['state8'].abs().max():.3f}; to 4 bits, by {span(floats['state4'])} "
+          f"({floats['state4'].idxmin()} least, {floats['state4'].idxmax()} most)."]
+    mlp = sparse[sparse["site"] == "mlp hidden"].set_index(["mixer", "trained"])
+    updates = sparse[(sparse["site"] == "state update") & (sparse["trained"] == "float")]
+    if len(relu):
+        relu_zero = mlp.xs("float, ReLU MLP", level="trained")["zero"]
+        silu_zero = mlp.xs("float", level="trained")["zero"]
+        parts.append(
+            f"**Sparsity (measured).** With SwiGLU's SiLU gate, {span(silu_zero, '{:.0%}')} of the MLP's hidden "
+            f"entries are exactly zero; with a ReLU gate, {span(relu_zero, '{:.0%}')} are, at a change in "
+            f"validation loss of {span(relu)} against SiLU. State updates are dense: "
+            f"{span(updates['near_zero'], '{:.1%}')} of their entries are below 1 % of their row's maximum.")
+    return parts
 
 
 display(Markdown(findings()))
@@ -179,7 +231,8 @@ display(plots.table(one_chip_sizes(), "neuromorphic-one-chip"))
 # quantised after training (int8 weights and activations; int4 weights; BitNet b1.58's ternary weights
 # {cite:p}`ma2024bitnet`), and decoded token by token with its state rounded to 8 and 4 bits after every
 # step (`lmscale.quantize`). Numbers are changes in loss against float, in nats; a model trained with
-# ternary weights (`--quantize ternary`) is scored as trained.
+# ternary weights (`--quantize ternary`) is scored as trained, and its cost is its loss against its float
+# twin (same mixer and size, SiLU MLP, trained in float); so is the ReLU-gated variant's.
 
 # %% tags=["hide-input"]
 if precision.empty:
@@ -187,7 +240,7 @@ if precision.empty:
                      "(commands below); the table appears when `data/results/neuromorphic/` holds records.*"))
 else:
     display(plots.table(precision_table(), "neuromorphic-precision",
-                        formats={c: "{:+.3f}" for c in ("int8", "w4", "ternary", "state8", "state4")}
+                        formats={c: "{:+.3f}" for c in ("vs float twin", "int8", "w4", "ternary", "state8", "state4")}
                         | {"float loss": "{:.3f}", "decode loss": "{:.3f}"}))
     display(Markdown(f"*{plots.provenance_caption(precision)}*"))
 
@@ -200,15 +253,6 @@ else:
 # value written). An event-driven chip sends an event only for an entry that is not (near) zero.
 
 # %% tags=["hide-input"]
-def sparsity_table() -> pd.DataFrame:
-    rows = []
-    for _, r in precision.iterrows():
-        for s in r["metrics.sparsity"]:
-            rows.append({"model": f"{r['config.model.mixer']} ({variant(r)})", **s})
-    frame = pd.DataFrame(rows)
-    return frame.groupby(["model", "site"], as_index=False)[["zero", "near_zero"]].mean()
-
-
 if precision.empty:
     display(Markdown("*Not yet measured (see the precision section).*"))
 else:
@@ -221,24 +265,49 @@ else:
 # operands: an 8-bit multiply and a 32-bit accumulate per multiply–accumulate, one SRAM read per weight
 # byte and per state byte read and written. Exp, division and the like have no row in the table and are
 # not priced, so the estimate is a lower bound, most of all for the mixers with the largest nonlinear
-# share. Where sparsity is measured, an event-driven chip skips the down projections' multiply–accumulates
-# for the near-zero hidden entries; that column appears with the records.
+# share. An event-driven chip does no work for a zero: for each exactly-zero MLP hidden entry it skips
+# that entry's column of the down projection, its multiply–accumulates and its weight reads. The last
+# two columns apply the share of exact zeros measured in each mixer's ReLU-gated model (trained at the
+# size in the precision table) to this size's down projections: an estimate that assumes the share
+# holds at this size. Entries that are merely small are not skipped: that would change the output.
 
 # %% tags=["hide-input"]
+def down_projection_macs(mixer: str) -> int:
+    """Multiply–accumulates of the MLPs' down projections per token: the ones a zero hidden entry skips."""
+    with torch.device("meta"):
+        model = LanguageModel(preset(op_mix_preset, mixer))
+    return sum(b.mlp.down_proj.weight.numel() for b in model.blocks)
+
+
+def relu_zero_share() -> pd.Series:
+    """Per mixer, the measured share of exact zeros in the MLP hidden entries of its ReLU-gated model."""
+    if precision.empty:
+        return pd.Series(dtype=float)
+    sparse = sparsity_table()
+    chosen = sparse[(sparse["site"] == "mlp hidden") & (sparse["trained"] == "float, ReLU MLP")]
+    return chosen.set_index("mixer")["zero"]
+
+
 def energy_table() -> pd.DataFrame:
-    rows = []
+    rows, zeros = [], relu_zero_share()
     for _, r in ops.iterrows():
         sram = r["weight_bytes"] / 2 * weight_bits / 8 + r["state_traffic_bytes"] / 2 * state_bits / 8
-        rows.append({"mixer": r["mixer"],
-                     "µJ per token (dense)": 1e6 * chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram),
-                     "arithmetic share": chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], 0)
-                     / chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram),
-                     "nonlinear ops (not priced)": r["model_nonlinear"]})
+        dense = chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram)
+        row = {"mixer": r["mixer"], "µJ per token (dense)": 1e6 * dense,
+               "arithmetic share": chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], 0) / dense,
+               "nonlinear ops (not priced)": r["model_nonlinear"]}
+        if r["mixer"] in zeros.index:  # an event-driven chip skips a zero's column of weights: its MACs and reads
+            skipped = down_projection_macs(r["mixer"]) * zeros[r["mixer"]]
+            event = chip_energy(r["model_mac"] - skipped, r["model_multiply"], r["model_add"],
+                                sram - skipped * weight_bits / 8)
+            row |= {"MLP zeros (ReLU, measured)": zeros[r["mixer"]], "µJ per token (ReLU, zeros skipped)": 1e6 * event}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 display(plots.table(energy_table(), "neuromorphic-energy",
                     formats={"µJ per token (dense)": "{:.1f}", "arithmetic share": "{:.0%}",
+                             "MLP zeros (ReLU, measured)": "{:.0%}", "µJ per token (ReLU, zeros skipped)": "{:.1f}",
                              "nonlinear ops (not priced)": "{:,.0f}"}))
 display(Markdown(f"*{HOROWITZ_45NM_INT8.name}: " + "; ".join(HOROWITZ_45NM_INT8.rows) + f". {op_mix_preset}, one token "
                  f"after {context_len:,} of context, weights in {weight_bits} bits, state in {state_bits} bits.*"))
@@ -248,9 +317,9 @@ display(Markdown(f"*{HOROWITZ_45NM_INT8.name}: " + "; ".join(HOROWITZ_45NM_INT8.
 #
 # Each mixer is ranked on what this chapter measured, in the order a chip designer would ask: the chips
 # its state and weights need on Loihi 2 (the chip with the least memory per value), the share of its
-# mixer's work that is nonlinear, and, where trained models have records, what holding its state in 4 bits
-# costs. The rank is the mean of the three ranks (two while precision is unmeasured); the reason lists the
-# numbers behind it.
+# mixer's work that is nonlinear, and, once trained models of every mixer have records, what holding its
+# state in 4 bits costs. The rank is the mean of those ranks; the reason lists the numbers behind it,
+# the 4-bit cost included wherever it is measured.
 
 # %% tags=["hide-input"]
 def ranking() -> pd.DataFrame:
@@ -261,9 +330,10 @@ def ranking() -> pd.DataFrame:
     criteria = ["Loihi 2 chips", "nonlinear share"]
     if not precision.empty:
         state4 = {r["config.model.mixer"]: r["metrics.decode_state4"].get("delta")
-                  for _, r in precision.iterrows() if not r.get("config.train.quantize")}
+                  for _, r in precision.iterrows() if variant(r) == "float"}
         frame["state in 4 bits (Δ nats)"] = pd.Series(state4)
-        criteria.append("state in 4 bits (Δ nats)")
+        if frame["state in 4 bits (Δ nats)"].notna().all():  # a rank over some mixers only would not compare
+            criteria.append("state in 4 bits (Δ nats)")
     frame["score"] = frame[criteria].rank(method="min").mean(axis=1)
     frame = frame.sort_values(["score", "Loihi 2 chips"]).reset_index(names="mixer")
     frame.insert(0, "rank", range(1, len(frame) + 1))
@@ -284,8 +354,32 @@ display(plots.table(ranking(), "neuromorphic-ranking"))
 # not, and LEAP's growing windows and JRT's prefix state sit between the two. The nonlinear operations
 # sit in few places — normalisations, the gates' sigmoids, softmax, Mamba's exponentials of its step
 # sizes — and those are the places to simplify first (a fixed decay instead of a data-dependent one, as in
-# RetNet and simple GLA, removes most of them). The precision each state needs is the measured 8- and
-# 4-bit cost above, once records exist.
+# RetNet and simple GLA, removes most of them).
+
+# %% tags=["hide-input"]
+def what_precision_points_to() -> str:
+    """The optimisations the precision and sparsity records point to, read from them."""
+    table = precision_table()
+    floats = table[table["trained"] == "float"].set_index("mixer")
+    ternary = table[table["trained"] == "ternary"].set_index("mixer")["vs float twin"].dropna()
+    relu = table[table["trained"] == "float, ReLU MLP"].set_index("mixer")["vs float twin"].dropna()
+    needs = "; ".join(f"{m} {floats.loc[m, 'state4']:+.3f}" for m in floats["state4"].sort_values().index)
+    text = (f"**What the precision records point to.** Every state tried keeps its quality in 8 bits "
+            f"(|Δ| ≤ {floats['state8'].abs().max():.3f} nats); 4 bits cost, per mixer: {needs} nats (a "
+            "recurrence carries each step's rounding into every later step). Weights need no more than int8 "
+            f"after training, and 4 bits cost at most {floats['w4'].max():+.3f} nats.")
+    if len(ternary):
+        text += (f" Ternary weights must be trained as such: applied after training they cost "
+                 f"{span(floats['ternary'], '{:+.2f}')} nats, trained from the start {span(ternary)}.")
+    if len(relu):
+        text += (" A ReLU gate in the MLP changes the loss against SiLU by "
+                 + "; ".join(f"{m} {d:+.3f}" for m, d in relu.sort_values().items())
+                 + " nats at this size, and gives an event-driven chip the MLP's exact zeros (the sparsity table).")
+    return text
+
+
+if not precision.empty:
+    display(Markdown(what_precision_points_to()))
 
 # %% [markdown]
 # **Literature, for orientation (not measured here).** Abreu et al. {cite:p}`abreu2025loihi` ran a 370M-parameter

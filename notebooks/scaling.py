@@ -74,24 +74,30 @@ def findings() -> str:
                 "from a CUDA device), so this chapter has no finding about scaling yet. The sections below "
                 "show the design, and the whole pipeline — sweep, records, fits, figures — run live on a "
                 "CPU ladder too small to say anything about scaling.")
+    planned = len(expand(load_spec(repo_root() / "data" / "sweeps" / "scaling.yaml")))
+    sizes = ", ".join(f"N = {format_count(n)}" for n in ladder.groupby("d_model")["params_non_embedding"].min())
+    status = (f"**Status.** {len(ladder)} GPU runs recorded of the {planned} the ladder plans, at {sizes}; "
+              "the sentences below cover only those.")
     lines = []
     fitted = fits[fits["note"] == ""].set_index("model")
     for model, row in fitted.iterrows():
         lines.append(f"{model}: α = {sig(row['alpha'])} [{sig(row['alpha low'])}, {sig(row['alpha high'])}], "
                      f"E = {sig(row['E'])} [{sig(row['E low'])}, {sig(row['E high'])}] nats")
+    fit_text = ("**Fits of the test loss** (95 % bootstrap intervals): " + "; ".join(lines) + "." if lines else
+                "**No fit yet**: a fit of E, A and α needs at least four sizes of a model.")
     gaps = gaps_to_reference(ladder)
     trend = []
     for model, g in gaps.groupby("model"):
         g = g.sort_values("params_non_embedding")
         first, last = g.iloc[0], g.iloc[-1]
-        trend.append(f"{model} {first['gap']:+.3f} at {format_count(first['params_non_embedding'])} → "
-                     f"{last['gap']:+.3f} at {format_count(last['params_non_embedding'])}")
+        at = lambda row: f"{row['gap']:+.3f} at {format_count(row['params_non_embedding'])}"
+        trend.append(f"{model} {at(first)}" + (f" → {at(last)}" if len(g) > 1 else ""))
     spread = seed_spread(ladder)
-    noise = f"; the spread over seeds is {spread['std over seeds'].max():.3f} nats at most" if not spread.empty else ""
-    return ("**Fits of the test loss** (95 % bootstrap intervals): " + "; ".join(lines) + ".\n\n"
+    noise = (f"; the spread over seeds is {spread['std over seeds'].max():.3f} nats at most" if not spread.empty else
+             "; one seed per point so far, so the noise floor is not yet measured")
+    return (status + "\n\n" + fit_text + "\n\n"
             "**Gap to attention at equal size** (test loss, nats; negative is better), smallest → largest: "
             + "; ".join(trend) + noise + ".")
-
 
 Markdown(findings())
 
