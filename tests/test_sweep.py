@@ -124,6 +124,39 @@ def test_a_failing_run_leaves_an_error_record_the_others_finish_and_a_rerun_woul
     assert outcomes == {ok["run_id"]: "skipped", error["run_id"]: "to retry"}
 
 
+def test_an_interrupted_direct_run_continues_from_its_checkpoint(tmp_path, corpus_dir, monkeypatch):
+    """A run stopped mid-way (SIGTERM on a device whose time ran out) leaves its checkpoint in the sweep's
+    folder; the next sweep resumes it there instead of starting again, then removes the folder."""
+    import lmscale.train as train_mod
+    from lmscale.config import ModelConfig, TrainConfig
+    from lmscale.sweep import CHECKPOINTS
+
+    results = tmp_path / "results"
+    monkeypatch.setenv("LMSCALE_RESULTS", str(results))
+    spec = _spec(tmp_path, fixed={**TINY, "steps": 4, "checkpoint_interval": 1}, grid={"mixer": ["gla"]})
+    (run,) = expand(load_spec(spec))
+    runner = _DirectRunner()
+    model_cfg = ModelConfig(**{k: v for k, v in run.params.items() if k in runner.model_fields})
+    train_cfg = TrainConfig(**{k: v for k, v in run.params.items() if k in runner.train_fields})
+    real_batch_at = train_mod.batch_at
+
+    def stopped_at_step_2(tokens, batch_size, seq_len, seed, step):
+        if step == 2:
+            raise KeyboardInterrupt("the device's time ran out")
+        return real_batch_at(tokens, batch_size, seq_len, seed, step)
+
+    monkeypatch.setattr(train_mod, "batch_at", stopped_at_step_2)
+    folder = results / "sweep-check" / CHECKPOINTS / run.run_id
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(model_cfg, train_cfg, train_mod.TokenData.from_corpus(), out_dir=folder)
+    assert (folder / "checkpoint.pt").is_file()
+
+    assert main(["sweep", str(spec)]) == 0
+    record = _records(results)[run.run_id]
+    assert record["status"] == "ok" and [r["step"] for r in record["metrics"]["resumes"]] == [2]
+    assert "--resume" in record["provenance"]["command"] and not folder.exists()
+
+
 @pytest.mark.parametrize("change, key", [
     ({"grdi": {}}, "grdi"),
     ({"grid": {"mixer": []}}, "grid.mixer"),

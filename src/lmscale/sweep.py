@@ -19,6 +19,9 @@ one run's crash, memory or thread settings cannot touch another, and writes
 a spec again skips every run whose record has status "ok" and runs the others: an interrupted sweep
 resumes. A run that fails leaves a record with status "error" (its parameters and the tail of its
 stderr) and the sweep goes on; error records are not skipped, so the next run of the spec retries them.
+A direct run trains with ``--out-dir <results>/<experiment>/.checkpoints/<run_id>``: stopped by SIGTERM
+(or at a ``checkpoint_interval``) it leaves a checkpoint there, and the retry continues from it with
+``--resume``, exactly as if it had not stopped; the folder is removed once the run's ok record exists.
 The spec is checked whole before any run starts: unknown keys, empty grid axes, parameters the runner
 does not know, values of the wrong type and, for the direct runner, impossible configs.
 """
@@ -34,6 +37,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,7 @@ RUNNERS = ("direct", "papermill", "recall")
 # The parameters that name a run, in the order of notebooks/train.py's run id.
 ID_FIELDS = ("mixer", "d_model", "n_layers", "n_heads", "seq_len", "steps", "seed")
 STDERR_TAIL_CHARS = 6000
+CHECKPOINTS = ".checkpoints"  # <results>/<experiment>/.checkpoints/<run_id>/: unfinished direct runs
 
 
 @dataclass(frozen=True)
@@ -534,10 +539,13 @@ def _execute(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner
 def _execute_locked(run: Run, experiment: str, runner: _DirectRunner | _PapermillRunner | _RecallRunner,
                     env: dict[str, str], root: Path, workdir: Path, lock: int) -> RunOutcome:
     path = root / experiment / f"{run.run_id}.jsonl"
+    checkpoints = root / experiment / CHECKPOINTS / run.run_id
     argv: list[str] = []
     start = time.perf_counter()
     try:
         argv, stdin, cwd = runner.command(experiment, run, workdir)
+        if runner.name == "direct":  # an interrupted try left its checkpoint: continue from it
+            argv += ["--out-dir", str(checkpoints)] + (["--resume"] if (checkpoints / "checkpoint.pt").is_file() else [])
         proc = subprocess.run(argv, input=stdin, cwd=cwd, env=env, capture_output=True, text=True, check=False,
                               pass_fds=(lock,))  # the child holds the run's lock too
         seconds = time.perf_counter() - start
@@ -545,6 +553,7 @@ def _execute_locked(run: Run, experiment: str, runner: _DirectRunner | _Papermil
         finished = proc.returncode == 0 and record is not None and record.get("status") == "ok"
         clash = _disagreement(record, run) if finished else None
         if finished and not clash:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the record holds what the run is for
             return RunOutcome(run.run_id, "ok", run.point, record["metrics"].get("val_loss"), seconds, path)
         if clash:  # e.g. a flag the command line parses otherwise than the spec means it
             reason = (f"the run trained with {clash[0]}={clash[1]!r} where the spec asks {run.params[clash[0]]!r}; "
