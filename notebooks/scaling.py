@@ -14,15 +14,18 @@
 # # Scaling with parameters
 #
 # Do recurrent-state models improve with size as fast as a Transformer does? This chapter trains a
-# ladder of eight models — Transformer++ attention, GLA {cite:p}`yang2024gla`, RetNet
+# ladder of nine models — Transformer++ attention, GLA {cite:p}`yang2024gla`, RetNet
 # {cite:p}`sun2023retnet`, Mamba {cite:p}`gu2023mamba`, Gated DeltaNet {cite:p}`yang2024gateddeltanet`,
-# LEAP {cite:p}`hu2022leap`, Based {cite:p}`arora2024based` and a GLA–attention hybrid with attention in
-# every fourth layer — at six sizes, on the same data, and fits $L(N) = E + A\,N^{-\alpha}$ to each, with
-# bootstrap intervals. What it found comes first, read from the records; how, after.
+# LEAP {cite:p}`hu2022leap`, Based {cite:p}`arora2024based`, a GLA–attention hybrid with attention in
+# every fourth layer, and linear attention with neither gate nor decay {cite:p}`katharopoulos2020transformers`
+# — at six sizes, on the same data, fits $L(N) = E + A\,N^{-\alpha}$ to each, with bootstrap intervals,
+# and marks published claims reproduced or not. What it found comes first, read from the records; how, after.
 
 # %% tags=["parameters"]
 experiment = "scaling"  # the GPU ladder (data/sweeps/scaling.yaml and scaling-seeds.yaml)
 lr_experiment = "scaling-lr"  # its learning-rate grid (data/sweeps/scaling-lr.yaml)
+context_experiment = "context"  # the context-length study, for the LEAP claims (data/sweeps/context.yaml)
+equivalence_margin = 0.05  # nats: how close "matches" must be, for the reproduced claims
 cpu_experiment = "scaling-cpu"  # the live CPU ladder of the last section
 cpu_widths = [32, 48, 64, 96]
 cpu_mixers = ["attention"]
@@ -38,9 +41,10 @@ from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.config import ModelConfig, TrainConfig
-from lmscale.ladder import best_lr, fit_ladders, gaps_to_reference, ladder_table, seed_spread
+from lmscale.ladder import best_lr, fit_ladders, gaps_to_reference, ladder_table, seed_spread, variant_label
 from lmscale.paths import repo_root
 from lmscale.presets import preset_table
+from lmscale.reproductions import CONTEXT_CLAIMS, LADDER_CLAIMS, assess, noise_floor
 from lmscale.results import load_records
 from lmscale.scaling import HOFFMANN_2022, format_count
 from lmscale.sweep import expand, load_spec
@@ -52,12 +56,14 @@ data = TokenData.from_corpus()
 unique = len(data.train)
 
 
-def gpu_ladder(name: str) -> pd.DataFrame:
-    """The ladder rows of an experiment's GPU records (none: an empty table with the columns)."""
+def gpu_ladder(name: str, label=None) -> pd.DataFrame:
+    """The ladder rows of an experiment's GPU records (none: an empty table with the columns); ``label``
+    names the models (default: mixer or hybrid pattern)."""
     records = load_records(name)
+    kwargs = {"label": label} if label else {}
     if records.empty:
-        return ladder_table(records.assign(status=[]), unique)
-    return ladder_table(records[records["device"].astype(str).str.startswith("cuda")], unique)
+        return ladder_table(records.assign(status=[]), unique, **kwargs)
+    return ladder_table(records[records["device"].astype(str).str.startswith("cuda")], unique, **kwargs)
 
 
 def sig(value: float, digits: int = 3) -> str:
@@ -66,6 +72,10 @@ def sig(value: float, digits: int = 3) -> str:
 
 ladder, grid = gpu_ladder(experiment), gpu_ladder(lr_experiment)
 fits = fit_ladders(ladder, "test_loss", n_boot=n_boot) if not ladder.empty else pd.DataFrame()
+# the context study has one seed: it borrows the ladder's noise floor
+claims = pd.concat([assess(LADDER_CLAIMS, ladder, margin=equivalence_margin),
+                    assess(CONTEXT_CLAIMS, gpu_ladder(context_experiment, variant_label), margin=equivalence_margin,
+                           noise=noise_floor(ladder))], ignore_index=True)
 
 # %% tags=["hide-input"]
 def findings() -> str:
@@ -95,7 +105,10 @@ def findings() -> str:
     spread = seed_spread(ladder)
     noise = (f"; the spread over seeds is {spread['std over seeds'].max():.3f} nats at most" if not spread.empty else
              "; one seed per point so far, so the noise floor is not yet measured")
-    return (status + "\n\n" + fit_text + "\n\n"
+    tally = claims["verdict"].value_counts()
+    claim_text = (f"**Published claims** (the last section): {len(claims)} tested; "
+                  + ", ".join(f"{n} {v}" for v, n in tally.items()) + ".")
+    return (status + "\n\n" + fit_text + "\n\n" + claim_text + "\n\n"
             "**Gap to attention at equal size** (test loss, nats; negative is better), smallest → largest: "
             + "; ".join(trend) + noise + ".")
 
@@ -228,6 +241,21 @@ if not ladder.empty:
     spread = seed_spread(ladder)
     if not spread.empty:
         display(plots.table(spread, "ladder-seeds", formats={"std over seeds": "{:.4f}"}))
+
+# %% [markdown]
+# ## Published claims, rerun at this scale
+#
+# Each claim compares two models' test loss: at equal size in the ladder, or at equal training length
+# in the context study (`context_length`). The interval is 95 % from the noise floor, the spread over
+# seeds pooled over every point that has several (the context study has one seed and borrows the
+# ladder's). "Matches" means the interval lies within ± the equivalence margin of the parameters cell;
+# the rules are those of `lmscale.reproductions`. A claim made at 125M–1.3B parameters and 15–300B tokens
+# that does or does not hold at 2–85M and 26M tokens says what it says at this scale, no more.
+
+# %% tags=["hide-input"]
+display(plots.table(claims.drop(columns="cite"), "ladder-claims"))
+display(Markdown("*Sources of the claims: " + "; ".join(
+    f"{c.claim}: {{cite:t}}`{c.cite}`" for c in LADDER_CLAIMS + CONTEXT_CLAIMS) + f". Margin ±{equivalence_margin} nats.*"))
 
 # %% [markdown]
 # ## Loss against compute

@@ -10,16 +10,7 @@ breaks (well above zero: RoPE attention past its trained positions is the classi
 
 from __future__ import annotations
 
-from typing import Any
-
-from lmscale.ladder import model_fields, model_label
-
-
-def _variant(model: dict[str, Any]) -> str:
-    """The model's label plus the mixer options that tell two runs of one mixer apart (LEAP's window)."""
-    label = model_label(model)
-    options = model.get("mixer_options") or {}
-    return label + ("" if not options else " (" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")")
+from lmscale.ladder import model_fields, variant_label
 
 
 def position_frame(records):
@@ -35,7 +26,7 @@ def position_frame(records):
         for length, curve in by_length.items():
             edges = curve["bin_edges"]
             for start, end, loss in zip(edges[:-1], edges[1:], curve["loss"], strict=True):
-                rows.append({"model": _variant(model), "train_len": int(r["config.train.seq_len"]),
+                rows.append({"model": variant_label(model), "train_len": int(r["config.train.seq_len"]),
                              "eval_len": int(length), "start": start, "end": end, "position": (start + end) / 2,
                              "loss": loss, "windows": curve["windows"], "run_id": r["run_id"]})
     return pd.DataFrame(rows, columns=["model", "train_len", "eval_len", "start", "end", "position", "loss",

@@ -14,6 +14,7 @@ which loss, which data regime) is decided once and tested, not in each notebook.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmscale.scaling import CHINCHILLA_TOKENS_PER_PARAM, REPETITION_DECAY, fit_power_law, format_count
@@ -29,6 +30,13 @@ def model_label(model: dict[str, Any]) -> str:
     if model.get("attention_every"):
         return f"{model['mixer']}+attention/{int(model['attention_every'])}"
     return model["mixer"]
+
+
+def variant_label(model: dict[str, Any]) -> str:
+    """The model's label plus the mixer options that tell two runs of one mixer apart (LEAP's window)."""
+    label = model_label(model)
+    options = model.get("mixer_options") or {}
+    return label + ("" if not options else " (" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")")
 
 
 def model_fields(row) -> dict[str, Any]:
@@ -65,9 +73,10 @@ def regime(tokens: float, params: float, unique_tokens: float) -> str:
     return f"{ratio:.1f} tokens/param ({chinchilla} 20), {epochs:.1f} epochs: {repeats}"
 
 
-def ladder_table(records, unique_tokens: float):
-    """One row per finished run of ``records`` (``lmscale.results.load_records``): model, size, data,
-    compute, learning rate, seed and the three losses, plus the run's provenance."""
+def ladder_table(records, unique_tokens: float, label: Callable[[dict[str, Any]], str] = model_label):
+    """One row per finished run of ``records`` (``lmscale.results.load_records``): model (named by
+    ``label``), size, data, compute, training length, learning rate, seed and the three losses, plus the
+    run's provenance."""
     import pandas as pd
 
     ok = records[records["status"] == "ok"]
@@ -78,7 +87,7 @@ def ladder_table(records, unique_tokens: float):
         final = final if isinstance(final, dict) else {}
         tokens, params = float(r["metrics.tokens"]), float(r["metrics.params"])
         rows.append({
-            "model": model_label(model),
+            "model": label(model),
             "d_model": int(model["d_model"]),
             "n_layers": int(model["n_layers"]),
             "params": params,
@@ -86,6 +95,7 @@ def ladder_table(records, unique_tokens: float):
             "tokens": tokens,
             "epochs": tokens / unique_tokens,
             "train_flops": float(r["metrics.flops_per_token"]) * tokens,
+            "seq_len": int(r["config.train.seq_len"]),
             "lr": float(r["config.train.lr"]),
             "seed": int(r["seed"]),
             "val_loss": float(r["metrics.val_loss"]),
@@ -100,7 +110,7 @@ def ladder_table(records, unique_tokens: float):
             "date": r["date"],
         })
     columns = ["model", "d_model", "n_layers", "params", "params_non_embedding", "tokens", "epochs", "train_flops",
-               "lr", "seed", *LOSSES, "regime", "run_id", "git_commit", "git_dirty", "hardware", "torch", "date"]
+               "seq_len", "lr", "seed", *LOSSES, "regime", "run_id", "git_commit", "git_dirty", "hardware", "torch", "date"]
     return pd.DataFrame(rows, columns=columns).sort_values(["model", "params_non_embedding", "lr", "seed"],
                                                           ignore_index=True)
 
