@@ -1,5 +1,6 @@
 """The built book, opened in headless Chromium: every chart rendered, no console errors, no table that
-scrolls sideways, no "nan" cell; and, from the HTML files, every internal link resolves.
+scrolls sideways, no "nan" cell, no MyST role left as raw text; and, from the HTML files, every internal
+link resolves.
 
 Needs `make book` first (`make test` does it) and Debian's chromium + chromium-driver. Under CI a
 missing browser or book is a failure; elsewhere the test skips and says how to get them.
@@ -107,6 +108,16 @@ return charts.map(c => {
 """
 
 
+# A role the renderer did not process shows as its source, e.g. "{cite:p}" before the key in code font.
+RAW_ROLES_JS = """
+const article = document.querySelector('article');
+if (!article) return [];
+const prose = article.cloneNode(true);
+prose.querySelectorAll('pre, code, .cell_input, .highlight').forEach(e => e.remove());
+return prose.textContent.match(/\\{(cite|ref|doc|numref|eq)(:[a-z]+)?\\}/g) || [];
+"""
+
+
 def test_every_page_loads_without_console_errors_and_charts_render(server, browser):
     pages = _pages()
     assert "index.html" in pages and set(CHART_PAGES) <= set(pages), pages
@@ -121,6 +132,8 @@ def test_every_page_loads_without_console_errors_and_charts_render(server, brows
         assert all(n > 0 for n in charts["inline"]), f"{page}: an inline chart has no marks"
         if page in CHART_PAGES:
             assert charts["imgs"] or charts["inline"], f"{page}: expected a chart, found none"
+        raw = browser.execute_script(RAW_ROLES_JS)
+        assert not raw, f"{page}: {len(raw)} MyST role(s) shown as raw text, e.g. {raw[:3]}"
         uncaptioned = browser.execute_script(CAPTIONS_JS)
         assert not uncaptioned, f"{page}: {len(uncaptioned)} figure(s) without a caption naming their source"
         for table in browser.execute_script(TABLES_JS):
