@@ -96,9 +96,9 @@ def findings() -> str:
         + "; ".join(f"{chip}: attention needs {at[('attention', chip)]:.1f} chips, gla {at[('gla', chip)]:.1f}"
                     for chip in [c.name for c in CHIPS])
         + f". On Loihi 2 every state value takes a neuron: with attention's {context_len:,}-token KV cache the model "
-          f"needs {loihi['attention']:.0f} chips, the others {loihi.drop('attention').min():.1f} "
-          f"({loihi.drop('attention').idxmin()}) to {loihi.drop('attention').max():.1f} "
-          f"({loihi.drop('attention').idxmax()}).",
+          f"needs {loihi['attention']:.1f} chips, the others {loihi.drop('attention').min():.1f} "
+          f"({', '.join(loihi.drop('attention').pipe(lambda x: x[x.round(1) == round(x.min(), 1)]).index)}) to "
+          f"{loihi.drop('attention').max():.1f} ({loihi.drop('attention').idxmax()}).",
     ]
     if precision.empty:
         parts.append("**Precision and sparsity: not yet measured.** `data/results/neuromorphic/` holds no "
@@ -145,6 +145,11 @@ def sparsity_table() -> pd.DataFrame:
     return frame.groupby(["mixer", "trained", "site"], as_index=False)[["zero", "near_zero"]].mean()
 
 
+def signed(value: float) -> str:
+    """A change in nats to three decimals, with no sign where it rounds to zero (no "-0.000")."""
+    return "0.000" if abs(value) < 5e-4 else f"{value:+.3f}"
+
+
 def span(values: pd.Series, fmt: str = "{:+.3f}") -> str:
     return fmt.format(values.min()) if values.min() == values.max() else \
         f"{fmt.format(values.min())} to {fmt.format(values.max())}"
@@ -158,15 +163,17 @@ def precision_findings(table: pd.DataFrame, sparse: pd.DataFrame) -> list[str]:
     sizes = ", ".join(f"d={d}" for d in sorted(table["d_model"].unique()))
     parts = [
         f"**Precision (measured on {len(table)} trained models, {sizes}; change in validation loss, nats).** "
-        f"Applied after training, int8 weights and activations change the loss by at most "
+        f"For the {len(floats)} models trained in float with SiLU MLPs: applied after training, int8 weights and "
+        f"activations change the loss by at most "
         f"{floats['int8'].abs().max():.3f}, "
         f"4-bit weights by {span(floats['w4'])}. Ternary weights applied after training cost "
         f"{span(floats['ternary'], '{:+.2f}')}"
         + (f"; trained with BitNet b1.58 from the start, the models end {span(ternary)} above their float "
            f"twins (least: {ternary.idxmin()}, most: {ternary.idxmax()})" if len(ternary) else "")
         + f". Decoding with the state rounded to 8 bits after every step changes the loss by at most "
-          f"{floats['state8'].abs().max():.3f}; to 4 bits, by {span(floats['state4'])} "
-          f"({floats['state4'].idxmin()} least, {floats['state4'].idxmax()} most)."]
+          f"{table['state8'].abs().max():.3f} in any of the {len(table)} models; to 4 bits, by "
+          f"{span(floats['state4'])} in the float models ({floats['state4'].idxmin()} least, "
+          f"{floats['state4'].idxmax()} most) and {span(table['state4'])} over all."]
     mlp = sparse[sparse["site"] == "mlp hidden"].set_index(["mixer", "trained"])
     updates = sparse[(sparse["site"] == "state update") & (sparse["trained"] == "float")]
     if len(relu):
@@ -175,7 +182,7 @@ def precision_findings(table: pd.DataFrame, sparse: pd.DataFrame) -> list[str]:
         parts.append(
             f"**Sparsity (measured).** With SwiGLU's SiLU gate, {span(silu_zero, '{:.0%}')} of the MLP's hidden "
             f"entries are exactly zero; with a ReLU gate, {span(relu_zero, '{:.0%}')} are, at a change in "
-            f"validation loss of {span(relu)} against SiLU. State updates are dense: "
+            f"validation loss of {span(relu)} against SiLU. State updates are dense: in the float models "
             f"{span(updates['near_zero'], '{:.1%}')} of their entries are below 1 % of their row's maximum.")
     return parts
 
@@ -222,6 +229,8 @@ display(alt.Chart(fit).mark_line(point=True).encode(
 ).properties(width=220, height=200).facet(facet=alt.Facet("chip:N", title=None), columns=3))
 display(Markdown(f"*Chips needed for the whole model (log scale), weights in {weight_bits} bits, state in "
                  f"{state_bits} bits after {context_len:,} tokens; computed from the presets at this build.*"))
+display(Markdown("The largest of the sizes above that fits on one chip, per mixer and chip (\"none shown\": not even "
+                 f"the smallest, {fit_presets[0]}):"))
 display(plots.table(one_chip_sizes(), "neuromorphic-one-chip"))
 
 # %% [markdown]
@@ -232,7 +241,12 @@ display(plots.table(one_chip_sizes(), "neuromorphic-one-chip"))
 # {cite:p}`ma2024bitnet`), and decoded token by token with its state rounded to 8 and 4 bits after every
 # step (`lmscale.quantize`). Numbers are changes in loss against float, in nats; a model trained with
 # ternary weights (`--quantize ternary`) is scored as trained, and its cost is its loss against its float
-# twin (same mixer and size, SiLU MLP, trained in float); so is the ReLU-gated variant's.
+# twin (same mixer and size, SiLU MLP, trained in float); so is the ReLU-gated variant's. Columns: *float
+# loss*, the validation loss of the parallel forward on windows of the trained length; *vs float twin*,
+# that loss minus the twin's; *int8*, *w4* (4-bit weights) and *ternary*, the change when the scheme is
+# applied after training (— for a model trained with quantisation, which is scored only as trained);
+# *decode loss*, the loss of token-by-token decoding of shorter windows (their length is in the caption;
+# less context per token, so a higher loss); *state8* and *state4*, its change with the state rounded to 8 and 4 bits.
 
 # %% tags=["hide-input"]
 if precision.empty:
@@ -240,9 +254,11 @@ if precision.empty:
                      "(commands below); the table appears when `data/results/neuromorphic/` holds records.*"))
 else:
     display(plots.table(precision_table(), "neuromorphic-precision",
-                        formats={c: "{:+.3f}" for c in ("vs float twin", "int8", "w4", "ternary", "state8", "state4")}
+                        formats={c: signed for c in ("vs float twin", "int8", "w4", "ternary", "state8", "state4")}
                         | {"float loss": "{:.3f}", "decode loss": "{:.3f}"}))
-    display(Markdown(f"*{plots.provenance_caption(precision)}*"))
+    lengths = sorted({int(n) for n in precision["config.precision.decode_len"]})
+    display(Markdown(f"*Decoded windows of {' or '.join(map(str, lengths))} tokens. "
+                     f"{plots.provenance_caption(precision)}*"))
 
 # %% [markdown]
 # ## Sparsity
@@ -269,7 +285,9 @@ else:
 # that entry's column of the down projection, its multiply–accumulates and its weight reads. The last
 # two columns apply the share of exact zeros measured in each mixer's ReLU-gated model (trained at the
 # size in the precision table) to this size's down projections: an estimate that assumes the share
-# holds at this size. Entries that are merely small are not skipped: that would change the output.
+# holds at this size; "—" where no ReLU-gated model of the mixer was trained. Entries that are merely
+# small are not skipped: that would change the output. The arithmetic share is the part of the dense
+# energy spent on arithmetic rather than SRAM reads.
 
 # %% tags=["hide-input"]
 def down_projection_macs(mixer: str) -> int:
@@ -353,8 +371,9 @@ display(plots.table(ranking(), "neuromorphic-ranking"))
 # gives every state value a neuron: a fixed state of a few MiB fits where a KV cache of tens of MiB does
 # not, and LEAP's growing windows and JRT's prefix state sit between the two. The nonlinear operations
 # sit in few places — normalisations, the gates' sigmoids, softmax, Mamba's exponentials of its step
-# sizes — and those are the places to simplify first (a fixed decay instead of a data-dependent one, as in
-# RetNet and simple GLA, removes most of them).
+# sizes — and those are the places to simplify first: a fixed decay instead of a data-dependent gate, as
+# in RetNet, removes the gate's sigmoids (RetNet's mixer has the smallest nonlinear share above), and one
+# gate per head, as in simple GLA, needs far fewer of them than one per channel, as in GLA.
 
 # %% tags=["hide-input"]
 def what_precision_points_to() -> str:
@@ -365,7 +384,8 @@ def what_precision_points_to() -> str:
     relu = table[table["trained"] == "float, ReLU MLP"].set_index("mixer")["vs float twin"].dropna()
     needs = "; ".join(f"{m} {floats.loc[m, 'state4']:+.3f}" for m in floats["state4"].sort_values().index)
     text = (f"**What the precision records point to.** Every state tried keeps its quality in 8 bits "
-            f"(|Δ| ≤ {floats['state8'].abs().max():.3f} nats); 4 bits cost, per mixer: {needs} nats (a "
+            f"(|Δ| ≤ {table['state8'].abs().max():.3f} nats in all {len(table)} models); in 4 bits the float models "
+            f"lose, per mixer: {needs} nats (a "
             "recurrence carries each step's rounding into every later step). Weights need no more than int8 "
             f"after training, and 4 bits cost at most {floats['w4'].max():+.3f} nats.")
     if len(ternary):

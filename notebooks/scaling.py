@@ -105,11 +105,13 @@ def findings() -> str:
     spread = seed_spread(ladder)
     noise = (f"; the spread over seeds is {spread['std over seeds'].max():.3f} nats at most" if not spread.empty else
              "; one seed per point so far, so the noise floor is not yet measured")
-    tally = claims["verdict"].value_counts()
-    claim_text = (f"**Published claims** (the last section): {len(claims)} tested; "
-                  + ", ".join(f"{n} {v}" for v, n in tally.items()) + ".")
+    unrun = claims["why"].str.startswith("not run yet")
+    tally = claims[~unrun]["verdict"].value_counts()
+    claim_text = (f"**Published claims** (the section below): {len(claims)}, of which {int(unrun.sum())} not run yet"
+                  + "".join(f"; {n} {v}" for v, n in tally.items()) + ".")
     return (status + "\n\n" + fit_text + "\n\n" + claim_text + "\n\n"
-            "**Gap to attention at equal size** (test loss, nats; negative is better), smallest → largest: "
+            "**Gap to attention at equal size** (test loss, nats; negative is better), per model from its "
+            "smallest size to its largest: "
             + "; ".join(trend) + noise + ".")
 
 Markdown(findings())
@@ -119,8 +121,9 @@ Markdown(findings())
 #
 # **Sizes.** Six presets from `lmscale.presets` share one shape per size (width, depth, heads of 64
 # channels) across models; each mixer's MLP width is solved so its non-embedding parameters are within
-# ±5 % of attention's. $N$ below counts non-embedding parameters {cite:p}`kaplan2020scaling`: at these
-# sizes the 50,257-row embedding is most of the model, and it grows with width whatever the mixer does.
+# ±5 % of attention's. $N$ below counts non-embedding parameters {cite:p}`kaplan2020scaling`: the
+# 50,257-row embedding is a large part of every model here (most of it at the smallest sizes), and it
+# grows with width whatever the mixer does.
 
 # %% tags=["hide-input"]
 spec = load_spec(repo_root() / "data" / "sweeps" / "scaling.yaml")
@@ -148,7 +151,8 @@ Markdown(
     "Repeating data up to about four epochs costs almost nothing against fresh tokens, and past about sixteen "
     "it is nearly worthless {cite:p}`muennighoff2023datalimited`; so one budget for all sizes keeps every run "
     "where repetition is nearly free. It is a fixed-data ladder: Chinchilla's 20 tokens per parameter "
-    f"{{cite:p}}`hoffmann2022chinchilla` would ask for {format_count(20 * smallest)} tokens at the smallest "
+    f"{{cite:p}}`hoffmann2022chinchilla` (of all parameters, as Chinchilla counts them) would ask for "
+    f"{format_count(20 * smallest)} tokens at the smallest "
     f"size and {format_count(20 * largest)} at the largest, so every run is data-limited, more so as it "
     "grows; the fitted $E$ therefore includes the loss that more data would remove, and α is the exponent at "
     f"this fixed data. {len(runs)} runs ({len(models)} models × {len(sizes)} sizes), one seed, plus two more "
@@ -162,7 +166,9 @@ Markdown(
 #
 # Tuned once, on a grid at the two smallest sizes for attention and GLA
 # (`data/sweeps/scaling-lr.yaml`), with the same data budget as the ladder. The table gives the
-# validation loss of each; the best learning rate of each row is the one the ladder should use.
+# validation loss of each and each row's best rate. The ladder uses one rate for every model and size:
+# among the rates that finished at all four points, the one with the lowest mean validation loss
+# (`lmscale.ladder.ladder_lr`), so a model whose own best differs pays that difference.
 
 # %% tags=["hide-input"]
 if grid.empty:
@@ -180,8 +186,8 @@ else:
 # ## Loss against size
 #
 # Test loss over the whole test split (305K tokens, held-out documents of the training sources)
-# against $N$, with each model's fit. The out-of-distribution loss (the Brown corpus) is in the
-# table below the fits.
+# against $N$, with each model's fit. The table below the figure gives the fits' constants for the test
+# loss and for the out-of-distribution loss (the Brown corpus), one row per model and loss.
 
 # %% tags=["hide-input"]
 def fit_curves(fits: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -223,7 +229,7 @@ def fits_table(fits: pd.DataFrame) -> pd.DataFrame:
 
 if not ladder.empty:
     ood = fit_ladders(ladder, "test_ood_loss", n_boot=n_boot)
-    display(plots.table(pd.concat([fits_table(fits).assign(loss="test"), fits_table(ood).assign(loss="Brown (OOD)")]),
+    display(plots.table(pd.concat([fits_table(fits).assign(**{"fitted loss": "test"}), fits_table(ood).assign(**{"fitted loss": "Brown (OOD)"})]),
                         "ladder-fits"))
 
 # %% [markdown]
@@ -248,8 +254,10 @@ if not ladder.empty:
 # Each claim compares two models' test loss: at equal size in the ladder, or at equal training length
 # in the context study (`context_length`). The interval is 95 % from the noise floor, the spread over
 # seeds pooled over every point that has several (the context study has one seed and borrows the
-# ladder's). "Matches" means the interval lies within ± the equivalence margin of the parameters cell;
-# the rules are those of `lmscale.reproductions`. A claim made at 125M–1.3B parameters and 15–300B tokens
+# ladder's); with one seed there is no interval and no verdict. "Matches" means the interval lies within
+# ± the equivalence margin (`equivalence_margin`, in the caption); the rules are those of
+# `lmscale.reproductions`. The LEAP claims are judged in the context study, where LEAP runs with its
+# windows and with every layer global, beside attention, at each training length. A claim made at 125M–1.3B parameters and 15–300B tokens
 # that does or does not hold at 2–85M and 26M tokens says what it says at this scale, no more.
 
 # %% tags=["hide-input"]
