@@ -536,8 +536,9 @@ from lmscale.bench.training import STEP_CODE
 from lmscale.mixers import available
 from lmscale.results import code_changed_since
 
-KERNEL_KINDS = (("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
-                ("attention (flash)", ("flash", "fmha", "attention")),
+# attention first: cuDNN's flash kernels carry "sm90_" in their names too
+KERNEL_KINDS = (("attention (flash)", ("flash", "fmha", "attention")),
+                ("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
                 ("fused elementwise (inductor)", ("triton_poi", "triton_red", "triton_per", "triton_tem")),
                 ("loss (Liger)", ("cross_entropy", "element_mul")),
                 ("optimiser", ("adam", "multi_tensor", "foreach")))
@@ -675,6 +676,40 @@ step_rows.append(target("every mixer's 350M step in ≤ 40 GB, blocks recomputed
                         f"{len(fits | fits_recomputed)} of {len(available())} mixers", "all",
                         len(fits | fits_recomputed) == len(available()) if len(at_350) else None))
 display(plots.table(pd.DataFrame(step_rows), "step_targets"))
+
+
+def in_the_way(r, goal: float | None) -> str:
+    """What one record's profiled step spends its time on, against the step time ``goal`` MFU would need."""
+    m = r["metrics.top_kernels"]
+    families: dict[str, float] = {}
+    for k in m:
+        families[kernel_kind(k["name"])] = families.get(kernel_kind(k["name"]), 0.0) + k["ms"]
+    kernel_ms, step_ms = r["metrics.profiled_kernel_ms"], r["metrics.step_ms_median"]
+    rest = kernel_ms - sum(families.values())
+    parts = [f"{kind} {ms:.0f} ms" for kind, ms in sorted(families.items(), key=lambda kv: -kv[1])]
+    parts.append(f"{rest:.0f} ms in kernels outside the {len(m)} largest")
+    slowest = max((k for k in m if kernel_kind(k["name"]) != "matmul (cuBLAS)"), key=lambda k: k["ms"])
+    head = f"**{r['config.mixer']}**: {step_ms:.0f} ms a step"
+    if goal is not None:
+        needed = r["metrics.flops_per_token"] * r["config.tokens_per_step"] / r["metrics.peak_flops"] / goal
+        head += f" where {goal:.0%} MFU needs {1e3 * needed:.0f} ms"
+    idle = step_ms - kernel_ms
+    return (f"{head}; the profiled step's {kernel_ms:.0f} ms of kernels: {', '.join(parts)}"
+            + (f"; {idle:.0f} ms of the median step is not kernel time (launches, host work)" if idle >= 1 else "")
+            + f". Its largest kernel that is not a matrix product: `{slowest['name'][:60]}`, {slowest['ms']:.0f} ms"
+            + f" in {slowest['calls']} launches; peak memory {r['metrics.peak_memory_bytes'] / 1e9:.1f} GB.")
+
+
+goals = {"attention": 0.45, **dict.fromkeys(("gla", "simple_gla", "retnet", "deltanet", "gated_deltanet"), 0.40)}
+missed = at_350[(at_350["status"] == "ok") & ~at_350["recompute"]] if len(at_350) else at_350
+if len(missed):
+    missed = missed[[(r["config.mixer"] in goals and r["metrics.mfu"] < goals[r["config.mixer"]])
+                     or r["metrics.peak_memory_bytes"] > 40e9 for _, r in missed.iterrows()]]
+if len(missed):
+    display(Markdown("**What stands in the way**, read from each missed target's profiled step at 350M (its "
+                     f"{len(missed.iloc[0]['metrics.top_kernels'])} most expensive kernels by family):\n\n"
+                     + "\n".join(f"- {in_the_way(r, goals.get(r['config.mixer']))}"
+                                  for _, r in missed.sort_values("metrics.mfu", ascending=False).iterrows())))
 
 
 def one_line(error: str, limit: int = 110) -> str:
