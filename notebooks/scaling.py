@@ -41,6 +41,7 @@ from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.config import ModelConfig, TrainConfig
+from lmscale.data.prepare import load_manifest
 from lmscale.ladder import best_lr, fit_ladders, gaps_to_reference, ladder_table, seed_spread, variant_label
 from lmscale.paths import repo_root
 from lmscale.presets import preset_table
@@ -181,6 +182,28 @@ else:
                                                                                             pivot["d_model"])), "lr"]]
     display(plots.table(pivot, "lr-grid", formats={c: "{:.4f}" for c in pivot.columns if c.startswith("lr ")}))
     display(Markdown(f"*{plots.provenance_caption(load_records(lr_experiment))}*"))
+
+
+def largest_document(split: str) -> tuple[dict, float]:
+    """The split's largest document and its share of the split's tokens (from the corpus manifest)."""
+    documents = [d for d in load_manifest()["documents"] if d["split"] == split]
+    biggest = max(documents, key=lambda d: d["tokens"])
+    return biggest, biggest["tokens"] / sum(d["tokens"] for d in documents)
+
+
+both = ladder.dropna(subset=["val_loss", "test_loss"]) if not ladder.empty else ladder
+if len(both):
+    gap = both["val_loss"] - both["test_loss"]
+    (val_doc, val_share), (test_doc, test_share) = largest_document("validation"), largest_document("test")
+    display(Markdown(
+        "These are validation losses; the ladder below reports test losses, and the two are not comparable: the "
+        "splits hold different whole documents. On the ladder's runs, validation loss "
+        + ("exceeds test loss by " if gap.min() > 0 else "differs from test loss by ")
+        + (f"{gap.mean():.2f}" if gap.min() > 0 else f"{gap.mean():+.2f}") + f" nats on average ({gap.min():.2f} to {gap.max():.2f} over {len(both)} runs). The "
+        f"corpus manifest suggests why: the validation split's largest document is *{val_doc['title']}* "
+        f"(`{val_doc['id']}`, {val_share:.0%} of its tokens), the test split's is *{test_doc['title']}* "
+        f"(`{test_doc['id']}`, {test_share:.0%}). Loss per document was not recorded, so that cause is "
+        "read from the composition, not measured."))
 
 # %% [markdown]
 # ## Loss against size
