@@ -199,7 +199,8 @@ if len(both):
         "These are validation losses; the ladder below reports test losses, and the two are not comparable: the "
         "splits hold different whole documents. On the ladder's runs, validation loss "
         + ("exceeds test loss by " if gap.min() > 0 else "differs from test loss by ")
-        + (f"{gap.mean():.2f}" if gap.min() > 0 else f"{gap.mean():+.2f}") + f" nats on average ({gap.min():.2f} to {gap.max():.2f} over {len(both)} runs). The "
+        + (f"{gap.mean():.2f}" if gap.min() > 0 else f"{gap.mean():+.2f}")
+        + f" nats on average ({gap.min():.2f} to {gap.max():.2f} over {len(both)} runs). The "
         f"corpus manifest suggests why: the validation split's largest document is *{val_doc['title']}* "
         f"(`{val_doc['id']}`, {val_share:.0%} of its tokens), the test split's is *{test_doc['title']}* "
         f"(`{test_doc['id']}`, {test_share:.0%}). Loss per document was not recorded, so that cause is "
