@@ -46,8 +46,9 @@ all_rows = inference.frame(iter_records(experiment))
 ok = all_rows[all_rows["status"] == "ok"] if not all_rows.empty else all_rows
 gpu = ok[ok["device"].astype(str).str.startswith("cuda")] if not ok.empty else ok
 cpu = ok[ok["device"].astype(str) == "cpu"] if not ok.empty else ok
-estimate = TABLES[0]
-low, high = (f"estimated_joules_per_token_{b}[{estimate.citation}]" for b in ("low", "high"))
+# each energy table's (low, high) estimate columns, and the short name the tables below give them
+estimates = {table.name.split(",")[1].strip(): tuple(f"estimated_joules_per_token_{b}[{table.citation}]"
+                                                     for b in ("low", "high")) for table in TABLES}
 
 
 # %% tags=["hide-input"]
@@ -141,9 +142,10 @@ plots.table(target_rows(), "inference-targets")
 #   plus the MLPs and the head, and both ceilings measured on the device at the start of the run (a large
 #   matmul, a large copy). The weights' floor is the weights' bytes over the measured bandwidth.
 # - **Energy**: measured with NVML's board energy counter over windows of at least a second, minus the
-#   idle power measured first; estimated as FLOPs and DRAM bytes priced by Horowitz's 45 nm energies
-#   {cite:p}`horowitz2014energy`. The estimate leaves out on-chip traffic, control and static power, so
-#   it is a lower bound on what a chip spends.
+#   idle power measured first; estimated as FLOPs and DRAM bytes priced twice: by Horowitz's 45 nm
+#   energies {cite:p}`horowitz2014energy`, and by Jouppi et al.'s update of the same table to 7 nm with
+#   HBM2 {cite:p}`jouppi2021tenlessons` (whose memory rows count only the I/O energy). The estimate leaves
+#   out on-chip traffic, control and static power, so it is a lower bound on what a chip spends.
 # - Points that cannot fit are recorded as skipped with the arithmetic that says so.
 
 # %% tags=["hide-input"]
@@ -239,17 +241,24 @@ if not shown.empty:
 # %% [markdown]
 # ## Energy per token
 #
-# Joules per generated token (decode) or per prompt token (prefill): the estimate from FLOPs and DRAM
-# bytes (Horowitz's 45 nm energies, low and high ends of his DRAM range) beside NVML's measurement net of
-# idle power where there is one. No measured energy exists off NVIDIA GPUs; the column then says so.
+# Joules per generated token (decode) or per prompt token (prefill): the estimates from FLOPs and DRAM
+# bytes, at 45 nm (Horowitz) and at 7 nm with HBM2 (Jouppi et al.), each from the low to the high end of
+# its source's DRAM range, beside NVML's measurement net of idle power where there is one. No measured
+# energy exists off NVIDIA GPUs; the column then says so. Each table's rows, as its source gives them:
 
 # %% tags=["hide-input"]
 if not shown.empty:
-    energy = shown[["mixer", "preset", "phase", "length", "batch_size", "dtype", low, high, "joules_per_token"]].copy()
-    energy = energy.rename(columns={low: "estimate low (J/token)", high: "estimate high (J/token)",
-                                    "joules_per_token": "measured (J/token)"})
+    display(Markdown("\n".join(f"- **{table.name}** {{cite:p}}`{table.citation}`: {'; '.join(table.rows)}"
+                               f" (applied to {' and '.join(d.upper() for d in table.devices)} records)."
+                               for table in TABLES)))
+    energy = shown[["mixer", "preset", "phase", "length", "batch_size", "dtype"]].copy()
+    for node, (low, high) in estimates.items():
+        if low in shown:  # a table whose memory row is not this device's has no column
+            energy[f"estimate {node} (J/token)"] = [f"{a:.2e}–{b:.2e}" if pd.notna(a) else "—"
+                                                    for a, b in zip(shown[low], shown[high])]
+    energy["measured (J/token)"] = shown["joules_per_token"]
     energy = energy[(energy["batch_size"] == 1) & (energy["dtype"] == dtype)].sort_values(["preset", "phase", "length", "mixer"])
-    display(plots.table(energy, "inference-energy", formats={c: "{:.2e}" for c in energy.columns if "J/token" in c}))
+    display(plots.table(energy, "inference-energy", formats={"measured (J/token)": "{:.2e}"}))
     if energy["measured (J/token)"].isna().all():
         display(Markdown(f"*Measured energy: {shown['energy_not_measured'].dropna().iloc[0] if shown['energy_not_measured'].notna().any() else 'not measured'}.*"))
 

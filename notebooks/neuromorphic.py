@@ -47,7 +47,7 @@ from lmscale import plots
 from lmscale.model import LanguageModel
 from lmscale.presets import preset
 from lmscale.profile.chips import CHIPS, fit_table
-from lmscale.profile.energy import HOROWITZ_45NM_INT8, chip_energy
+from lmscale.profile.energy import HOROWITZ_45NM_INT8, JOUPPI_7NM_INT8, chip_energy
 from lmscale.profile.opmix import KIND_MEANING, KINDS, op_mix_table
 from lmscale.results import load_records
 
@@ -278,9 +278,10 @@ else:
 # ## Energy on a chip that computes in int8 from SRAM
 #
 # A token's operations priced at Horowitz's 45 nm energies {cite:p}`horowitz2014energy` for 8-bit integer
-# operands: an 8-bit multiply and a 32-bit accumulate per multiply–accumulate, one SRAM read per weight
-# byte and per state byte read and written. Exp, division and the like have no row in the table and are
-# not priced, so the estimate is a lower bound, most of all for the mixers with the largest nonlinear
+# operands, and again at Jouppi et al.'s 7 nm energies for the same operations {cite:p}`jouppi2021tenlessons`
+# (a 7 nm column: the node of today's accelerators): an 8-bit multiply and a 32-bit accumulate per
+# multiply–accumulate, one SRAM read per weight byte and per state byte read and written. Exp, division
+# and the like have no row in either table and are not priced, so the estimate is a lower bound, most of all for the mixers with the largest nonlinear
 # share. An event-driven chip does no work for a zero: for each exactly-zero MLP hidden entry it skips
 # that entry's column of the down projection, its multiply–accumulates and its weight reads. The last
 # two columns apply the share of exact zeros measured in each mixer's ReLU-gated model (trained at the
@@ -312,6 +313,8 @@ def energy_table() -> pd.DataFrame:
         sram = r["weight_bytes"] / 2 * weight_bits / 8 + r["state_traffic_bytes"] / 2 * state_bits / 8
         dense = chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram)
         row = {"mixer": r["mixer"], "µJ per token (dense)": 1e6 * dense,
+               "µJ per token (dense, 7 nm)": 1e6 * chip_energy(r["model_mac"], r["model_multiply"], r["model_add"],
+                                                              sram, JOUPPI_7NM_INT8),
                "arithmetic share": chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], 0) / dense,
                "nonlinear ops (not priced)": r["model_nonlinear"]}
         if r["mixer"] in zeros.index:  # an event-driven chip skips a zero's column of weights: its MACs and reads
@@ -324,10 +327,12 @@ def energy_table() -> pd.DataFrame:
 
 
 display(plots.table(energy_table(), "neuromorphic-energy",
-                    formats={"µJ per token (dense)": "{:.1f}", "arithmetic share": "{:.0%}",
+                    formats={"µJ per token (dense)": "{:.1f}", "µJ per token (dense, 7 nm)": "{:.1f}",
+                             "arithmetic share": "{:.0%}",
                              "MLP zeros (ReLU, measured)": "{:.0%}", "µJ per token (ReLU, zeros skipped)": "{:.1f}",
                              "nonlinear ops (not priced)": "{:,.0f}"}))
-display(Markdown(f"*{HOROWITZ_45NM_INT8.name}: " + "; ".join(HOROWITZ_45NM_INT8.rows) + f". {op_mix_preset}, one token "
+display(Markdown("*" + " ".join(f"{t.name}: " + "; ".join(t.rows) + "." for t in (HOROWITZ_45NM_INT8, JOUPPI_7NM_INT8))
+                 + " The other energy columns are at 45 nm." + f" {op_mix_preset}, one token "
                  f"after {context_len:,} of context, weights in {weight_bits} bits, state in {state_bits} bits.*"))
 
 # %% [markdown]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -95,3 +97,19 @@ def test_recorded_points_are_not_measured_again(tmp_path):
     again, _ = run(grid + [Point("gla", "tiny", "prefill", 48, dtype="float32", **FAST)], tmp_path)
     assert len(first) == 1 and [r["config"]["length"] for r in again] == [48]
     assert len(inference.frame(first + again)) == 2
+
+
+def test_each_energy_table_prices_only_the_memory_of_its_devices(tmp_path):
+    from lmscale.profile.energy import HOROWITZ_45NM, JOUPPI_7NM
+
+    cpu_record, _ = run([Point("gla", "tiny", "prefill", 32, dtype="float32", **FAST)], tmp_path)
+    gpu_record = copy.deepcopy(cpu_record[0])
+    gpu_record["provenance"]["hardware"]["device"] = "cuda"
+    rows = inference.frame(cpu_record + [gpu_record])
+    horowitz, jouppi = (f"estimated_joules_per_token_low[{t.citation}]" for t in (HOROWITZ_45NM, JOUPPI_7NM))
+    assert rows[horowitz].notna().all()  # DRAM at 45 nm prices a CPU's DDR and a GPU's memory alike
+    assert rows[jouppi].isna().tolist() == [True, False]  # HBM2 is a GPU's memory, not a CPU's
+    m, c = gpu_record["metrics"], gpu_record["config"]
+    tokens = c["batch_size"] * c["length"]
+    expected = JOUPPI_7NM.estimate(m["flops"], m["bytes"], "float32")["joules_low"] / tokens
+    assert rows[jouppi].iloc[1] == pytest.approx(expected)

@@ -525,7 +525,7 @@ def frame(records: Iterable[dict[str, Any]]):
             "torch": prov.get("versions", {}).get("torch"), "run_id": r.get("run_id"),
         }
         for table in TABLES:
-            if m.get("flops") is not None and c["dtype"] in table.pj_per_flop:
+            if m.get("flops") is not None and c["dtype"] in table.pj_per_flop and hardware.get("device") in table.devices:
                 est = table.estimate(m["flops"], m["bytes"], c["dtype"])
                 row[f"estimated_joules_per_token_low[{table.citation}]"] = est["joules_low"] / tokens
                 row[f"estimated_joules_per_token_high[{table.citation}]"] = est["joules_high"] / tokens

@@ -25,6 +25,7 @@ class EnergyTable:
     pj_per_flop: dict[str, tuple[float, float]]
     pj_per_dram_byte: tuple[float, float]
     rows: tuple[str, ...]  # what each number is, in the source's own terms
+    devices: tuple[str, ...] = ("cpu", "cuda")  # whose memory its DRAM row prices
 
     def estimate(self, flops: float, dram_bytes: float, dtype: str) -> dict[str, float]:
         """Joules (low, high) for ``flops`` operations in ``dtype`` and ``dram_bytes`` of DRAM traffic."""
@@ -50,7 +51,21 @@ HOROWITZ_45NM = EnergyTable(
           "DRAM, one 64-bit access 1.3–2.6 nJ"),
 )
 
-TABLES = (HOROWITZ_45NM,)
+# Jouppi et al. 2021, Table 2, "Energy per Operation: 45 nm vs 7 nm" (memory in pJ per 64-bit access). Its
+# footnote 2: the DRAM rows count only the I/O energy, so the DRAM term is lower still than Horowitz's.
+# HBM2 is the row for a GPU's memory (an H100 has HBM3; the paper has no HBM3 row).
+JOUPPI_7NM = EnergyTable(
+    name="Jouppi et al. 2021, 7 nm, HBM2",
+    citation="jouppi2021tenlessons",
+    pj_per_flop={"float32": ((1.31 + 0.38) / 2,) * 2, "bfloat16": ((0.21 + 0.11) / 2,) * 2},
+    pj_per_dram_byte=(250 / 8, 450 / 8),
+    rows=("32-bit float multiply 1.31 pJ, add 0.38 pJ",
+          "bfloat16 multiply 0.21 pJ, add 0.11 pJ",
+          "HBM2, one 64-bit access 250–450 pJ (I/O only; DDR3/4: 1.3 nJ)"),
+    devices=("cuda",),  # a CPU's DDR memory is the 1.3 nJ row, Horowitz's low end: nothing new there
+)
+
+TABLES = (HOROWITZ_45NM, JOUPPI_7NM)
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,17 @@ HOROWITZ_45NM_INT8 = IntegerTable(
     pj_sram_byte=10 / 8,
     rows=("8-bit integer multiply 0.2 pJ", "32-bit integer add 0.1 pJ",
           "SRAM (8 KB array), one 64-bit read 10 pJ"),
+)
+
+
+JOUPPI_7NM_INT8 = IntegerTable(
+    name="Jouppi et al. 2021, 7 nm, int8 operands",
+    citation="jouppi2021tenlessons",
+    pj_multiply=0.07,
+    pj_accumulate=0.03,
+    pj_sram_byte=7.5 / 8,
+    rows=("8-bit integer multiply 0.07 pJ", "32-bit integer add 0.03 pJ",
+          "SRAM (8 KB), one 64-bit read 7.5 pJ"),
 )
 
 
