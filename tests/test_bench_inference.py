@@ -113,3 +113,19 @@ def test_each_energy_table_prices_only_the_memory_of_its_devices(tmp_path):
     tokens = c["batch_size"] * c["length"]
     expected = JOUPPI_7NM.estimate(m["flops"], m["bytes"], "float32")["joules_low"] / tokens
     assert rows[jouppi].iloc[1] == pytest.approx(expected)
+
+
+def test_a_context_whose_prefill_chunk_would_not_fit_goes_in_smaller_chunks(tmp_path, monkeypatch):
+    point = Point("mamba", "tiny", "decode", 256, 4, "float32", **FAST)
+    with torch.device("meta"):
+        shell = LanguageModel(inference.model_config(point))
+    free = {"whole": 10**12}
+    cpu = torch.device("cpu")
+    _, at_64 = inference.fitting_chunk(shell, Point("mamba", "tiny", "decode", 64, 4, "float32"), cpu, free["whole"])
+    monkeypatch.setattr(inference, "_free_bytes", lambda device: int(at_64 / inference.MEMORY_MARGIN) + 4096)
+    records, _ = run([point], tmp_path)
+    assert records[0]["status"] == "ok" and records[0]["metrics"]["prefill_chunk"] == 64
+    monkeypatch.setattr(inference, "_free_bytes", lambda device: at_64 // 2)
+    prefill = Point("mamba", "tiny", "prefill", 256, 4, "float32", **FAST)
+    records, _ = run([prefill], tmp_path)
+    assert records[0]["status"] == "skipped" and "a forward over 256 tokens" in records[0]["error"]

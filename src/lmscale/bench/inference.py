@@ -42,6 +42,7 @@ PREFILL_LENGTHS = (512, 2048, 8192, 32768)
 DECODE_CONTEXTS = (1024, 8192, 32768, 131072)
 DECODE_BATCHES = (1, 16)
 PREFILL_CHUNK = 8192  # a decode point's context goes in this many tokens at a time
+MIN_PREFILL_CHUNK = 64  # ... or fewer, down to this, where a chunk's forward would not fit in memory
 ENERGY_WINDOW_S = 1.0  # NVML's counter updates every ≈ 20–100 ms: a window of a second keeps the error ≈ 5 %
 MEMORY_MARGIN = 0.9  # plan to use at most this share of the free memory
 DTYPES = ("bfloat16", "float32")
@@ -208,17 +209,46 @@ def _free_bytes(device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def planned_bytes(model, point: Point) -> int:
+def planned_bytes(model, point: Point, chunk: int | None = None) -> int:
     """Memory a point needs beyond what is allocated already: the state of B sequences, and the largest
     prefill chunk's activations (≈ 12 values of width d per token in flight, plus the MLP's hidden)."""
     import torch
 
     dtype = getattr(torch, point.dtype)
     cfg = model.cfg
-    chunk = point.length if point.phase == "prefill" else min(point.length, PREFILL_CHUNK)
+    chunk = chunk or (point.length if point.phase == "prefill" else min(point.length, PREFILL_CHUNK))
     state = point.batch_size * sum(b.mixer.state_bytes(point.length, dtype) for b in model.blocks)
     activations = point.batch_size * chunk * (12 * cfg.d_model + 3 * cfg.d_hidden) * dtype.itemsize
     return state + activations
+
+
+def fitting_chunk(shell, point: Point, device, free: int) -> tuple[int, int]:
+    """(prefill chunk, bytes needed) for a point: its whole prompt for a prefill, else the longest power-of-two
+    chunk of the context (≤ ``PREFILL_CHUNK``) that fits. On a CPU the chunk's forward is traced on the meta
+    device (``lmscale.bench.forward_memory``), which sees each PyTorch form's own intermediates; a GPU runs
+    kernels the trace cannot see, and its out-of-memory error is caught instead. Raises ``SkipPoint``, with
+    the arithmetic, when even the smallest chunk does not fit."""
+    import torch
+
+    from lmscale.bench.forward_memory import traced_forward_bytes
+
+    dtype = getattr(torch, point.dtype)
+    weights = sum(p.numel() for p in shell.parameters()) * dtype.itemsize
+    chunk = point.length if point.phase == "prefill" else min(point.length, PREFILL_CHUNK)
+    smallest = chunk if point.phase == "prefill" else min(chunk, MIN_PREFILL_CHUNK)
+    while True:
+        need = weights + planned_bytes(shell, point, chunk)
+        if device.type == "cpu":  # the input state (planned at one token), and the traced forward's own bytes
+            need = weights + planned_bytes(shell, point, 1) + traced_forward_bytes(
+                shell.cfg, point.batch_size, chunk, dtype)
+        if need <= MEMORY_MARGIN * free or chunk <= smallest:
+            break
+        chunk //= 2
+    if need > MEMORY_MARGIN * free:
+        what = f"a forward over {chunk} tokens" if point.phase == "prefill" else f"a prefill chunk of {chunk} tokens"
+        raise SkipPoint(f"needs ≈ {need / 2**30:.1f} GiB (weights, the state of {point.batch_size} "
+                        f"sequence(s) at {point.length} tokens, {what}); {free / 2**30:.1f} GiB are free")
+    return chunk, need
 
 
 class Energy:
@@ -280,12 +310,7 @@ def measure(point: Point, device, ceilings: dict[str, float], energy: Energy) ->
     torch.manual_seed(point.seed)
     with torch.device("meta"):
         shell = LanguageModel(model_config(point))
-    need = planned_bytes(shell, point) + sum(p.numel() for p in shell.parameters()) * dtype.itemsize
-    free = _free_bytes(device)
-    if need > MEMORY_MARGIN * free:
-        raise SkipPoint(f"needs ≈ {need / 2**30:.1f} GiB (weights, the state of {point.batch_size} "
-                        f"sequence(s) at {point.length} tokens, a prefill chunk's activations); "
-                        f"{free / 2**30:.1f} GiB are free")
+    chunk, planned = fitting_chunk(shell, point, device, _free_bytes(device))
     model = LanguageModel(model_config(point)).to(device=device, dtype=dtype).eval()
     g = torch.Generator(device="cpu").manual_seed(point.seed)
     vocab = model.cfg.vocab_size
@@ -298,7 +323,8 @@ def measure(point: Point, device, ceilings: dict[str, float], energy: Energy) ->
         sync()
         torch.cuda.reset_peak_memory_stats(device)
     metrics: dict[str, Any] = {"params": model.num_params(), "weight_bytes_allocated":
-                               sum(p.numel() * p.element_size() for p in model.parameters())}
+                               sum(p.numel() * p.element_size() for p in model.parameters()),
+                               "memory_planned_bytes": planned}
     B = point.batch_size
     with torch.no_grad():
         if point.phase == "prefill":
@@ -325,7 +351,8 @@ def measure(point: Point, device, ceilings: dict[str, float], energy: Energy) ->
             metrics["graphed"] = step is not None and step.graphed
             context = torch.randint(0, vocab, (B, point.length), generator=g).to(device)
             t0 = time.perf_counter()
-            state = _prefill(model, step, context)
+            state = _prefill(model, step, context, chunk)
+            metrics["prefill_chunk"] = chunk
             sync()
             metrics["prefill_seconds"] = time.perf_counter() - t0
             tokens = torch.randint(0, vocab, (point.repeats + 1, point.decode_tokens, B), generator=g).to(device)
@@ -385,14 +412,14 @@ def _tensors(state: Any) -> list:
     return [leaf for layer in state for _, leaf in state_leaves(layer) if isinstance(leaf, Tensor)]
 
 
-def _prefill(model, step, context):
-    """The context's final state, fed ``PREFILL_CHUNK`` tokens at a time (into the graph's buffers if any)."""
+def _prefill(model, step, context, chunk: int):
+    """The context's final state, fed ``chunk`` tokens at a time (into the graph's buffers if any)."""
     if step is not None:
-        step.prefill(context, chunk=PREFILL_CHUNK)
+        step.prefill(context, chunk=chunk)
         return None
     state = None
-    for start in range(0, context.shape[1], PREFILL_CHUNK):
-        _, state = model(context[:, start:start + PREFILL_CHUNK], state, return_state=True, last_only=True)
+    for start in range(0, context.shape[1], chunk):
+        _, state = model(context[:, start:start + chunk], state, return_state=True, last_only=True)
     return state
 
 
