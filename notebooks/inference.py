@@ -83,6 +83,16 @@ def findings() -> str:
             at = rows[rows["length"] == longest].sort_values("ms")
             parts.append(f"**CPU ({cpu['hardware'].iloc[0]}), {preset}, float32, batch 1, after {longest:,} tokens:** "
                          + "; ".join(f"{r['mixer']} {r['ms']:.1f} ms" for _, r in at.iterrows()) + ".")
+        batched = cpu[(cpu["preset"] == preset) & (cpu["phase"] == "decode") & (cpu["batch_size"] == 16)
+                      & (cpu["dtype"] == "float32")]
+        if not batched.empty and (batched["mixer"] == "attention").any():
+            at = batched[batched["length"] == batched["length"].max()].sort_values("ms")
+            others, attn = at[at["mixer"] != "attention"], at[at["mixer"] == "attention"].iloc[0]
+            parts.append(f"At batch 16 after {attn['length']:,} tokens, attention takes {attn['ms']:.1f} ms per step "
+                         f"and the other {len(others)} mixers {others['ms'].min():.1f}–{others['ms'].max():.1f} ms "
+                         f"({others['mixer'].iloc[0]} fastest): by the cost model attention's step moves "
+                         f"{attn['bytes'] / 1e9:.2f} GB (the weights once, sixteen KV caches), the others "
+                         f"{others['bytes'].min() / 1e9:.2f}–{others['bytes'].max() / 1e9:.2f} GB.")
         cross = inference.crossover(cpu)
         if not cross.empty:
             never = cross[cross["faster_from"].isna()]
