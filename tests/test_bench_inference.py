@@ -11,7 +11,7 @@ from lmscale.bench import inference
 from lmscale.bench.inference import Point
 from lmscale.config import ConfigError
 from lmscale.model import LanguageModel
-from lmscale.results import read_records
+from lmscale.results import read_records, write_records
 
 FAST = {"decode_tokens": 3, "repeats": 2}
 
@@ -129,3 +129,27 @@ def test_a_context_whose_prefill_chunk_would_not_fit_goes_in_smaller_chunks(tmp_
     prefill = Point("mamba", "tiny", "prefill", 256, 4, "float32", **FAST)
     records, _ = run([prefill], tmp_path)
     assert records[0]["status"] == "skipped" and "a forward over 256 tokens" in records[0]["error"]
+
+
+def test_causal_attention_is_counted_over_its_attended_pairs_only():
+    import torch.nn.functional as F
+
+    q, v = torch.empty(2, 3, 5, 8, device="meta"), torch.empty(2, 3, 7, 4, device="meta")
+    with inference.causal_sdpa_flops() as counter:
+        out = F.scaled_dot_product_attention(q, v.new_empty(2, 3, 7, 8), v, is_causal=True)
+        square = F.scaled_dot_product_attention(q, v.new_empty(2, 3, 7, 8), v)
+    assert out.shape == square.shape == (2, 3, 5, 4)
+    causal_pairs = 1 + 2 + 3 + 4 + 5  # five queries over seven keys, masked from the top left
+    assert counter.flops == 2 * (8 + 4) * 6 * (causal_pairs + 5 * 7)
+
+
+def test_flop_check_counts_every_mixer_on_meta_and_agrees_where_the_forms_compute_no_waste(tmp_path):
+    records = inference.flop_check_records(["attention", "gla", "mamba", "lru", "based"], ["tiny"], [256])
+    ratio = {r["config"]["mixer"]: r["metrics"]["flops_analytic_over_counted"] for r in records}
+    assert {r["kind"] for r in records} == {"flop-count"}
+    assert ratio["attention"] == pytest.approx(1, abs=1e-6) and ratio["mamba"] == ratio["lru"] == pytest.approx(1, abs=1e-6)
+    assert abs(ratio["gla"] - 1) < 0.02  # its chunked form also computes each chunk's masked square
+    # Based's sliding-window layers run a dense masked square in PyTorch: counted above the window's pairs
+    assert ratio["based"] < 0.95
+    write_records(records, tmp_path / "flops.jsonl")
+    assert inference.measured_keys(tmp_path) == set() and inference.frame(read_records(tmp_path / "flops.jsonl")).empty

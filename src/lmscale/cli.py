@@ -350,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start no point after this long; the rest are left for the next run")
     bench_inf.set_defaults(func=_cmd_bench_inference)
 
+    bench_flops = bench.add_parser("flops", help="each mixer's analytic prefill FLOPs against those counted by "
+                                                 "torch.utils.flop_counter on the meta device (no timing)")
+    bench_flops.add_argument("--mixers", type=_name_list, default=None, help="default: every registered mixer")
+    bench_flops.add_argument("--presets", type=_name_list, default=None, help="default: 50M,125M,350M,760M,1.3B")
+    bench_flops.add_argument("--lengths", type=_int_list, default=None, help="T (default 512,2048,8192,32768)")
+    bench_flops.add_argument("--out", type=Path, default=None, help="record folder (default data/results/inference)")
+    bench_flops.set_defaults(func=_cmd_bench_flops)
+
     budget = sub.add_parser("budget", help="training tokens for a model size by each published rule "
                                            "(Chinchilla 20×, its fit, Epoch's refit, data-constrained)")
     budget.add_argument("--params", required=True, help="parameters N, e.g. 125M, 1.3B or 6.5e6")
@@ -427,6 +435,25 @@ def _cmd_bench_inference(args: argparse.Namespace) -> int:
     print(inference.format_table(records))
     print(f"written: {path}" if records else "no record written")
     return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+def _cmd_bench_flops(args: argparse.Namespace) -> int:
+    import time
+
+    from lmscale.bench import inference
+    from lmscale.mixers import available
+    from lmscale.paths import results_dir
+    from lmscale.results import write_records
+
+    records = inference.flop_check_records(args.mixers or available(), args.presets or inference.GPU_PRESETS,
+                                           args.lengths or inference.PREFILL_LENGTHS)
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        print(f"{c['mixer']:>16} {c['preset']:>5} T={c['length']:<6} analytic {m['flops']:.3e}  counted "
+              f"{m['flops_counted']:.3e}  ratio {m['flops_analytic_over_counted']:.4f}")
+    out = (args.out or results_dir() / inference.EXPERIMENT) / f"flops-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    print(f"written: {write_records(records, out)}")
+    return 0
 
 
 def _cmd_bench_loss(args: argparse.Namespace) -> int:
