@@ -85,6 +85,7 @@ def test_a_gpu_record_must_name_its_commit(monkeypatch):
 
     monkeypatch.delenv("LMSCALE_GIT_COMMIT", raising=False)
     monkeypatch.setattr(results, "_git", lambda *args: None)  # a tree without .git, as on the GPU machine
+    monkeypatch.setattr(results, "_checkout_commit", results._checkout_commit.__wrapped__)  # not the cached one
     with pytest.raises(RecordError, match=r"no git commit for a record made on cuda.*--git-commit"):
         make_record("exp", kind="train", config={}, seed=0, metrics={}, device="cuda")
     assert make_record("exp", kind="train", config={}, seed=0, metrics={}, device="cpu")["provenance"]["git_commit"] \
@@ -104,6 +105,7 @@ def test_the_cli_takes_the_commit_as_an_argument_and_refuses_gpu_work_without_on
     monkeypatch.delenv("LMSCALE_GIT_COMMIT", raising=False)
     monkeypatch.delenv("LMSCALE_GIT_DIRTY", raising=False)
     monkeypatch.setattr(results, "_git", lambda *args: None)
+    monkeypatch.setattr(results, "_checkout_commit", results._checkout_commit.__wrapped__)
     assert main(["bench", "train", "--device", "cuda", "--quick"]) == 2
     assert "no git commit for a record made on cuda" in capsys.readouterr().err
     assert main(["--git-commit", "feedbee", "presets", "--mixer", "gla"]) == 0
@@ -149,3 +151,17 @@ def test_records_written_before_checksums_still_read(tmp_path):
     path = tmp_path / "legacy.jsonl"
     path.write_text(json.dumps(record, sort_keys=True) + "\n")
     assert read_records(path) == [json.loads(json.dumps(record))]
+
+
+def test_a_process_names_the_commit_it_started_at_while_commits_land(monkeypatch):
+    from lmscale import results
+
+    monkeypatch.delenv("LMSCALE_GIT_COMMIT", raising=False)
+    heads = iter(["a" * 40, "", "b" * 40, ""])  # rev-parse, status, then HEAD moves on
+    monkeypatch.setattr(results, "_git", lambda *args: next(heads))
+    results._checkout_commit.cache_clear()
+    try:
+        first = results.code_commit()
+        assert results.code_commit() == first == ("a" * 40, False)
+    finally:
+        results._checkout_commit.cache_clear()

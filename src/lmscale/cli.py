@@ -13,7 +13,7 @@ from typing import Any
 
 from lmscale.bench import KERNEL_OPS
 from lmscale.config import ConfigError, ModelConfig, TrainConfig
-from lmscale.results import require_commit
+from lmscale.results import code_commit, require_commit
 
 
 def _name_list(text: str) -> list[str]:
@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.git_commit:
         os.environ["LMSCALE_GIT_COMMIT"] = args.git_commit
         os.environ["LMSCALE_GIT_DIRTY"] = str(args.git_dirty).lower()
+    code_commit()  # read now: a long run's records name the commit it started at
     try:
         device = getattr(args, "device", None)
         if device is None and args.command == "bench":  # the benchmarks default to the GPU when there is one

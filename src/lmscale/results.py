@@ -9,6 +9,7 @@ an error naming it instead of silently dropping a run.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -86,9 +87,17 @@ def _cpu_name() -> str:
 def code_commit() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the code that runs: stated by ``LMSCALE_GIT_COMMIT``/``LMSCALE_GIT_DIRTY`` (the
     CLI's ``--git-commit``) for a copy of the tree whose .git is absent or stale, as on the GPU machine;
-    else read from the checkout. (None, None) when neither says."""
+    else read from the checkout the first time this process asks (``lmscale``'s CLI asks at its start).
+    (None, None) when neither says."""
     if os.environ.get("LMSCALE_GIT_COMMIT"):
         return os.environ["LMSCALE_GIT_COMMIT"], os.environ.get("LMSCALE_GIT_DIRTY", "").lower() == "true"
+    return _checkout_commit()
+
+
+@functools.cache
+def _checkout_commit() -> tuple[str | None, bool | None]:
+    """Read once per process: a run that lasts while commits land in the checkout (notes, records) still
+    names the commit whose code it loaded, not the one that happens to be HEAD when a record is written."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return commit, (bool(status) if status is not None else None)
