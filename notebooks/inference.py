@@ -280,6 +280,16 @@ else:
                      f"{', '.join(sorted(flop_checks['git_commit'].dropna().str[:7].unique()))}), presets "
                      f"{', '.join(flop_checks['preset'].unique())}, T = "
                      f"{', '.join(f'{t:,}' for t in sorted(flop_checks['T'].unique()))}; counted on the meta device.*"))
+    # where a PyTorch form computes more than its mixer needs: facts about the forms, the numbers from the records
+    masked = {"based": "its sliding-window layers are the attention mixer with a window, which calls SDPA with "
+                       "a boolean mask on every device, so the whole T×T square is computed to use a band",
+              "transformer_xl": "each segment's queries attend through a masked square over two segments"}
+    low = spread[spread["min"] < 0.95]
+    if not low.empty:
+        display(Markdown("Below 0.95: " + "; ".join(
+            f"**{m}** down to {r['min']:.2f} at {r['lowest at']}" + (f" ({masked[m]})" if m in masked else "")
+            for m, r in low.iterrows()) + ". That is work the forms do, on the GPU too, and a windowed kernel "
+            "would not."))
 
 # %% [markdown]
 # ## Energy per token
