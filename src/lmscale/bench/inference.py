@@ -293,11 +293,15 @@ def fitting_chunk(shell, point: Point, device, free: int) -> tuple[int, int]:
     weights = sum(p.numel() for p in shell.parameters()) * dtype.itemsize
     chunk = point.length if point.phase == "prefill" else min(point.length, PREFILL_CHUNK)
     smallest = chunk if point.phase == "prefill" else min(chunk, MIN_PREFILL_CHUNK)
+
+    def needed(chunk: int) -> int:
+        if device.type != "cpu":
+            return weights + planned_bytes(shell, point, chunk)
+        # the input state (planned at one token), and the traced forward's own bytes
+        return weights + planned_bytes(shell, point, 1) + traced_forward_bytes(shell.cfg, point.batch_size, chunk, dtype)
+
     while True:
-        need = weights + planned_bytes(shell, point, chunk)
-        if device.type == "cpu":  # the input state (planned at one token), and the traced forward's own bytes
-            need = weights + planned_bytes(shell, point, 1) + traced_forward_bytes(
-                shell.cfg, point.batch_size, chunk, dtype)
+        need = needed(chunk)
         if need <= MEMORY_MARGIN * free or chunk <= smallest:
             break
         chunk //= 2
