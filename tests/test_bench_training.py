@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lmscale.bench.training import Point, format_table, measured_keys, run_points
+from lmscale.bench.training import Point, format_table, measured_keys, run_points, variant
 from lmscale.cli import main
 from lmscale.config import ConfigError
 from lmscale.results import read_records
@@ -56,6 +56,37 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_impossible_points_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="'tokens_per_step'=100: must be a multiple of seq_len=32"):
         run_points([_quick("attention", tokens_per_step=100)], "cpu", tmp_path, progress=False)
+
+
+def test_micro_batches_split_the_step_and_are_a_point_of_their_own(tmp_path, monkeypatch):
+    from lmscale.model import LanguageModel
+
+    batches = []
+    forward = LanguageModel.forward
+
+    def counted(self, idx, *args, **kwargs):
+        batches.append(idx.shape[0])
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "forward", counted)
+    plain = _quick("attention", tokens_per_step=128, profile=False, count_flops=False)
+    split = _quick("attention", tokens_per_step=128, profile=False, count_flops=False, micro_batches=2)
+    records, _ = run_points([plain, split], "cpu", tmp_path, in_process=True, progress=False)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    # 3 steps of 4 sequences: one pass each, then two passes of 2 whose gradients accumulate
+    assert batches == [4] * 3 + [2] * 6
+    assert records[1]["config"]["micro_batches"] == 2 and records[1]["config"]["batch_size"] == 4
+    assert measured_keys(tmp_path) == {plain.key, split.key}
+    assert "attention (2 micro-batches, eager)" in format_table(records)  # compile=False
+    with pytest.raises(ConfigError, match="'micro_batches'=3: must divide the step's 4 sequences"):
+        run_points([_quick("attention", tokens_per_step=128, micro_batches=3)], "cpu", tmp_path, progress=False)
+
+
+def test_a_steps_variant_names_every_way_it_differs_from_the_plain_step():
+    assert variant({"activation_checkpointing": False, "micro_batches": 1, "compile": True}) == ""
+    assert variant({"mixer": "gla"}) == ""  # records from before micro-batches existed
+    assert variant({"activation_checkpointing": True, "micro_batches": 4, "compile": False}) == \
+        "recomputed blocks, 4 micro-batches, eager"
 
 
 def test_cli_quick_run_writes_records_and_prints_the_table(tmp_path, capsys):

@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--loss-impl", default="auto", help="auto|chunked|liger|full (lmscale.loss)")
     bench_train.add_argument("--activation-checkpointing", type=_switch, default=False, metavar="true|false",
                              help="recompute each block in the backward (default false)")
+    bench_train.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                             help="run the step's sequences in N forward/backward passes, gradients accumulated "
+                                  "(default 1): the other way to fit a step in less memory")
     bench_train.add_argument("--profile", type=_switch, default=True, metavar="true|false",
                              help="profile one step for the top kernels (default true)")
     bench_train.add_argument("--count-flops", type=_switch, default=True, metavar="true|false",
@@ -400,6 +403,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     points = [Point(mixer=m, preset=p, seq_len=pick("seq_len", 2048), tokens_per_step=pick("tokens_per_step", 32768),
                     compile=args.compile if args.compile is not None else device.startswith("cuda"),
                     loss_impl=args.loss_impl, activation_checkpointing=args.activation_checkpointing,
+                    micro_batches=args.micro_batches,
                     warmup_steps=pick("warmup_steps", 5), timed_steps=pick("timed_steps", 10),
                     profile=args.profile, count_flops=args.count_flops)
               for p in pick("presets", list(SIZES)) for m in (args.mixers or available())]

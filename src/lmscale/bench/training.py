@@ -55,6 +55,7 @@ class Point:
     compile: bool = True
     loss_impl: str = "auto"
     activation_checkpointing: bool = False
+    micro_batches: int = 1  # the step's sequences in this many forward/backward passes (gradient accumulation)
     warmup_steps: int = 5
     timed_steps: int = 10
     profile: bool = True
@@ -68,7 +69,7 @@ class Point:
     @property
     def key(self) -> tuple:
         return (self.mixer, self.preset, self.seq_len, self.tokens_per_step, self.compile, self.loss_impl,
-                self.activation_checkpointing)
+                self.activation_checkpointing, self.micro_batches)
 
     def check(self) -> None:
         from lmscale.config import ConfigError
@@ -76,6 +77,9 @@ class Point:
         if self.tokens_per_step % self.seq_len:
             raise ConfigError("tokens_per_step", self.tokens_per_step,
                               f"must be a multiple of seq_len={self.seq_len} (whole sequences per step)")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ConfigError("micro_batches", self.micro_batches,
+                              f"must divide the step's {self.batch_size} sequences (tokens_per_step / seq_len)")
         if self.warmup_steps < 1 or self.timed_steps < 1:
             raise ConfigError("timed_steps", (self.warmup_steps, self.timed_steps),
                               "need at least one warm-up step (compilation) and one timed step")
@@ -85,7 +89,7 @@ class Point:
 def _record_key(record: dict[str, Any]) -> tuple:
     c = record["config"]
     return (c.get("mixer"), c.get("preset"), c.get("seq_len"), c.get("tokens_per_step"), c.get("compile"),
-            c.get("loss_impl"), c.get("activation_checkpointing", False))
+            c.get("loss_impl"), c.get("activation_checkpointing", False), c.get("micro_batches", 1))
 
 
 def measured_keys(out: Path) -> set[tuple]:
@@ -182,7 +186,8 @@ def _time_training(point: Point, device) -> dict[str, Any]:
     from lmscale.train import autocast_dtype, batch_at, build_training, peak_flops, peak_memory, training_step
 
     steps = point.warmup_steps + point.timed_steps + int(point.profile)
-    cfg = TrainConfig(steps=steps + 1, batch_size=point.batch_size, seq_len=point.seq_len, warmup_steps=1,
+    cfg = TrainConfig(steps=steps + 1, batch_size=point.batch_size // point.micro_batches,
+                      grad_accum_steps=point.micro_batches, seq_len=point.seq_len, warmup_steps=1,
                       device=str(device), compile=point.compile, loss_impl=point.loss_impl, tensorboard=False,
                       activation_checkpointing=point.activation_checkpointing,
                       seed=point.seed)
@@ -334,6 +339,19 @@ def _summary(record: dict[str, Any]) -> str:
     return f"{head}  {m['tokens_per_second'] / 1e3:8.1f} K tok/s  MFU {mfu:>7}  peak {memory}"
 
 
+def variant(config: dict[str, Any]) -> str:
+    """How a record's step differs from the plain one (stored activations, one pass, compiled blocks), in
+    words, "" for the plain step: the ways a step that does not fit is made to fit, and what they cost."""
+    parts = []
+    if config.get("activation_checkpointing"):
+        parts.append("recomputed blocks")
+    if config.get("micro_batches", 1) > 1:
+        parts.append(f"{config['micro_batches']} micro-batches")
+    if config.get("compile") is False:
+        parts.append("eager")
+    return ", ".join(parts)
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """One line per record: mixer, preset, tokens/s, both MFUs, step time, peak memory, or the failure."""
     import pandas as pd
@@ -342,7 +360,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         c, m = r["config"], r["metrics"]
         rows.append({
-            "mixer": c["mixer"], "preset": c["preset"], "status": r["status"],
+            "mixer": c["mixer"] + (f" ({v})" if (v := variant(c)) else ""), "preset": c["preset"], "status": r["status"],
             "K tok/s": None if m.get("tokens_per_second") is None else round(m["tokens_per_second"] / 1e3, 1),
             "MFU %": None if m.get("mfu") is None else round(100 * m["mfu"], 1),
             "MFU counted %": None if m.get("mfu_counted") is None else round(100 * m["mfu_counted"], 1),
