@@ -89,6 +89,36 @@ def test_a_steps_variant_names_every_way_it_differs_from_the_plain_step():
         "recomputed blocks, 4 micro-batches, eager"
 
 
+def test_step_code_holds_every_library_module_a_training_step_imports():
+    """The chapters withhold a throughput record once ``STEP_CODE`` changes after its commit: a module the step
+    imports from outside it could change the numbers unnoticed (``lmscale.mlp`` was such a module)."""
+    import ast
+    from pathlib import Path
+
+    from lmscale.bench.training import STEP_CODE
+
+    root = Path(__file__).resolve().parents[1]
+    # not the benchmarked step's work: writing records, formatting counts, reading the corpus (the bench feeds
+    # random tokens), quantisation (only under TrainConfig.quantize, which no bench point sets)
+    harness = {"lmscale.results", "lmscale.scaling", "lmscale.data", "lmscale.quantize"}
+
+    def covered(module: str) -> bool:
+        path = Path("src", *module.split("."))
+        rel = str(path.with_suffix(".py") if (root / path.with_suffix(".py")).exists() else path)
+        return any(rel == p or rel.startswith(p + "/") for p in STEP_CODE)
+
+    files = [f for p in STEP_CODE for f in ((root / p).rglob("*.py") if (root / p).is_dir() else [root / p])]
+    imported = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lmscale."):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("lmscale."))
+    assert len(files) > 20 and "lmscale.mlp" in imported
+    assert {m for m in imported - harness if not covered(m)} == set()
+
+
 def test_cli_quick_run_writes_records_and_prints_the_table(tmp_path, capsys):
     assert main(["bench", "train", "--quick", "--device", "cpu", "--mixers", "lru", "--seq-len", "32",
                  "--tokens-per-step", "64", "--count-flops", "false", "--in-process", "--out", str(tmp_path)]) == 0
