@@ -84,6 +84,28 @@ def test_records_prefill_and_decode_with_prediction_and_no_invented_energy(tmp_p
     assert records[0]["config"]["model"]["mixer"] == "attention"
 
 
+class LongEnergyWindow:
+    """NVML's window as a GPU fills it: many more passes of the timed window than the timed repeats."""
+
+    passes, why = 12, None
+
+    def measure(self, call, sync, work_per_call):
+        for _ in range(self.passes):
+            call()
+        return {"joules_per_unit": 1.0}
+
+
+def test_the_energy_window_decodes_past_the_static_cache_the_timed_repeats_size(tmp_path, monkeypatch):
+    """A GPU decodes for a second in the energy window, far more steps than attention's static cache holds
+    (session 14's H100 run: every attention decode failed); each pass rewinds to the timed window."""
+    monkeypatch.setattr(inference, "Energy", lambda device: LongEnergyWindow())
+    point = Point("attention", "tiny", "decode", 40, 1, "float32", **FAST)
+    records, _ = run([point], tmp_path)
+    assert records[0]["status"] == "ok", records[0].get("error")
+    capacity = inference.model_config(point).max_seq_len
+    assert 40 + LongEnergyWindow.passes * FAST["decode_tokens"] > capacity
+
+
 def test_a_point_that_cannot_fit_is_skipped_with_the_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(inference, "_free_bytes", lambda device: 10**6)
     records, _ = run([Point("gla", "tiny", "decode", 32, 4, "float32", **FAST)], tmp_path)

@@ -113,6 +113,27 @@ def test_reset_restores_the_initial_state(name, options):
         torch.testing.assert_close(step(idx[:, t]), first[t], rtol=0, atol=0)
 
 
+def test_rewound_static_cache_decodes_its_window_again_past_its_size():
+    """The inference bench's energy window decodes one window of positions again and again, for longer than
+    the cache holds: after a rewind the same tokens give the same logits, and the context stays bounded."""
+    model, idx = make_model("attention", {"kv_cache": "static"}, max_seq_len=12), random_tokens(T=10)
+    step = GraphedStep(model, 2, "cpu", torch.float32)
+    step.prefill(idx[:, :6])
+    first = torch.stack([step(idx[:, t]).clone() for t in range(6, 10)])
+    for _ in range(3):  # 12 steps after a 6-token prompt: past the 12 slots without the rewinds
+        step.rewind_kv_caches(6)
+        torch.testing.assert_close(torch.stack([step(idx[:, t]).clone() for t in range(6, 10)]), first, rtol=0, atol=0)
+    assert step.position == 10
+    for bad in (11, -1, 2.0):
+        with pytest.raises(ValueError, match="position must be an integer from 0 to the current position 10"):
+            step.rewind_kv_caches(bad)
+    recurrent = GraphedStep(make_model("gla"), 2, "cpu", torch.float32)
+    recurrent.prefill(idx[:, :6])
+    before = [t.clone() for t in tensors(recurrent.state)]
+    recurrent.rewind_kv_caches(3)  # no KV cache: only the count moves, the recurrent state goes on
+    assert recurrent.position == 3 and all(torch.equal(a, b) for a, b in zip(before, tensors(recurrent.state)))
+
+
 @pytest.mark.parametrize("name", ["mamba", "deltanet"])  # dataclass states of two tensors each
 def test_static_buffers_keep_their_identity(name):
     model, idx = make_model(name), random_tokens(B=1, T=3)

@@ -206,6 +206,21 @@ class GraphedStep:
         self.position = idx.shape[1]
         return self._logits
 
+    def rewind_kv_caches(self, position: int) -> None:
+        """Move every full-context static KV cache back to ``position`` (at most the current one); other layers'
+        states go on as they are. For benchmarks that decode one window of positions again and again, longer
+        than the cache was sized for: the slots past ``position`` are hidden by the mask (they hold later
+        positions than the query's) and overwritten by the next steps. Not a way to take back tokens of a
+        text: a recurrent state cannot be rewound."""
+        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= self.position:
+            raise ValueError(f"position must be an integer from 0 to the current position {self.position}, "
+                             f"got {position!r}")
+        with torch.no_grad():
+            for block, state in zip(self.model.blocks, self._state, strict=True):
+                if getattr(block.mixer, "kv_cache", None) == "static" and block.mixer.window is None:
+                    state.position.fill_(position)
+        self.position = position
+
     def reset(self) -> None:
         """Static state back to ``model.init_state`` (the logits buffer keeps its last value)."""
         with torch.no_grad():
