@@ -578,8 +578,10 @@ if len(train_bench):
     train_bench = train_bench.assign(variant=[step_variant(r) for _, r in train_bench.iterrows()])
     train_bench = train_bench.assign(label=train_bench["config.mixer"] + train_bench["variant"].map(
         lambda v: f" ({v})" if v else ""))
-    train_bench = train_bench.sort_values("date").drop_duplicates(["config.mixer", "config.preset", "variant"],
-                                                                  keep="last")
+    point_key = ["config.mixer", "config.preset", "variant"]
+    repeated = (train_bench[train_bench["status"] == "ok"].sort_values("date").groupby(point_key)
+                .filter(lambda d: len(d) > 1))
+    train_bench = train_bench.sort_values("date").drop_duplicates(point_key, keep="last")
     table_rows = []
     for _, r in train_bench.sort_values(["config.preset", "config.mixer", "variant"]).iterrows():
         okay = r["status"] == "ok"
@@ -605,6 +607,38 @@ if len(train_bench):
                      "mixer, size and way of running the step (in brackets: blocks recomputed in the backward, "
                      "the step's sequences split into micro-batches whose gradients accumulate, or blocks not "
                      "compiled); the commit column says which code it measured.*"))
+    if len(repeated):
+        def in_turn(values, spec: str) -> str:
+            return " → ".join(spec.format(v) for v in values)
+
+        again = []
+        for (mixer, preset, _), d in repeated.groupby(point_key, sort=True):
+            kernel, step = d["metrics.profiled_kernel_ms"], d["metrics.step_ms_median"]
+            profiled = bool(kernel.notna().all())
+            again.append({"preset": preset, "mixer": d["label"].iloc[-1],
+                          "K tokens/s": in_turn(d["metrics.tokens_per_second"] / 1e3, "{:.1f}"),
+                          "step change": step.iloc[-1] / step.iloc[0] - 1,
+                          "kernel ms": in_turn(kernel, "{:.1f}") if profiled else "not profiled",
+                          "not kernel ms": in_turn(step - kernel, "{:.0f}") if profiled else "not profiled",
+                          "kernel change": kernel.iloc[-1] / kernel.iloc[0] - 1 if profiled else None,
+                          "commits": in_turn((c[:7] for c in d["git_commit"]), "{}")})
+        again = pd.DataFrame(again)
+        moved, profiled = again[again["step change"].abs() > 0.05], again[again["kernel change"].notna()]
+        text = (f"**The same point measured again.** {len(again)} points were measured more than once at the same "
+                "training-step code, in different sessions (each may get another machine of the same kind). ")
+        if len(moved):
+            text += (f"In {len(moved)} of them the median step moved by more than 5 % (up to "
+                     f"{moved['step change'].abs().max():.0%}), so a single number carries that much uncertainty. ")
+        else:
+            text += "No median step moved by more than 5 %. "
+        if len(profiled):
+            text += (f"Where both runs profiled their step ({len(profiled)} points), the kernels' own time moved by at "
+                     f"most {profiled['kernel change'].abs().max():.1%}: what moves is the time outside the kernels "
+                     "(launches and host work), which depends on the machine's host, so those steps are partly "
+                     "bound by the host.")
+        display(Markdown(text))
+        display(plots.table(again, "train_steps_again", formats={"step change": "{:+.1%}", "kernel change": "{:+.1%}"},
+                            code=("commits",)))
     measured = train_bench[train_bench["status"] == "ok"]
     chart_data = measured.assign(mixer=measured["label"])
     chart_data = chart_data.rename(columns={"config.preset": "preset", "metrics.mfu": "MFU"})
