@@ -72,8 +72,7 @@ def test_records_prefill_and_decode_with_prediction_and_no_invented_energy(tmp_p
     records, path = run(grid, tmp_path)
     assert [r["status"] for r in records] == ["ok"] * 3 and read_records(path) == records
     prefill, decode, eager = (r["metrics"] for r in records)
-    assert prefill["tokens_per_second"] > 0 and prefill["predicted_ms"] > 0 and prefill["flops_counted"] > 0
-    assert 0.5 < prefill["flops_analytic_over_counted"] < 2
+    assert prefill["tokens_per_second"] > 0 and prefill["predicted_ms"] > 0 and prefill["flops"] > 0
     assert decode["decode_path"].startswith("static buffers") and decode["ms_per_step"] > 0
     # a static cache holds every slot of its context; the analytic state counts the positions decoded after
     assert decode["state_bytes_allocated"] >= decode["state_bytes_analytic"] > 0
