@@ -44,12 +44,13 @@ import torch
 from IPython.display import Markdown, display
 
 from lmscale import plots
+from lmscale.bench.inference import frame as inference_frame
 from lmscale.model import LanguageModel
 from lmscale.presets import preset
 from lmscale.profile.chips import CHIPS, fit_table
 from lmscale.profile.energy import HOROWITZ_45NM_INT8, JOUPPI_7NM_INT8, chip_energy
 from lmscale.profile.opmix import KIND_MEANING, KINDS, op_mix_table
-from lmscale.results import load_records
+from lmscale.results import iter_records, load_records
 
 plots.setup()
 ops = op_mix_table(op_mix_preset, context_len)
@@ -334,6 +335,46 @@ display(plots.table(energy_table(), "neuromorphic-energy",
 display(Markdown("*" + " ".join(f"{t.name}: " + "; ".join(t.rows) + "." for t in (HOROWITZ_45NM_INT8, JOUPPI_7NM_INT8))
                  + " The other energy columns are at 45 nm." + f" {op_mix_preset}, one token "
                  f"after {context_len:,} of context, weights in {weight_bits} bits, state in {state_bits} bits.*"))
+
+# %% [markdown]
+# ### Beside the GPU's measured energy
+#
+# The same chip model, at the size and context of each decoding step that `lmscale bench inference` measured
+# on a GPU (batch 1, bfloat16, NVML's board energy net of idle power; the inference chapter has them all).
+# The two are not the same kind of number: the GPU's is measured for the whole board, in bf16, with every
+# weight streamed from HBM each step; the chip's is a lower bound for int8 arithmetic and SRAM reads only
+# (no exp or division, no static power, no chip-to-chip traffic), on as many chips as the fit chart says
+# the model needs. The ratio says how much room the chip's physics leaves, not what a chip achieves.
+
+# %% tags=["hide-input"]
+measured = inference_frame(iter_records("inference"))
+if not measured.empty:
+    measured = measured[(measured["status"] == "ok") & measured["device"].astype(str).str.startswith("cuda")
+                        & (measured["phase"] == "decode") & (measured["batch_size"] == 1)
+                        & measured["joules_per_token"].notna()]
+if measured.empty:
+    display(Markdown("*No GPU decode with measured energy is committed yet (`lmscale bench inference --device "
+                     "cuda` writes them to `data/results/inference/`).*"))
+else:
+    against = []
+    for (mixer, size, context), d in measured.groupby(["mixer", "preset", "length"]):
+        r = op_mix_table(size, int(context), mixers=[mixer]).iloc[0]
+        sram = r["weight_bytes"] / 2 * weight_bits / 8 + r["state_traffic_bytes"] / 2 * state_bits / 8
+        chip = {name: chip_energy(r["model_mac"], r["model_multiply"], r["model_add"], sram, table)
+                for name, table in (("45 nm", HOROWITZ_45NM_INT8), ("7 nm", JOUPPI_7NM_INT8))}
+        gpu_j = float(d["joules_per_token"].median())
+        against.append({"mixer": mixer, "preset": size, "context": int(context),
+                        "GPU, measured (mJ/token)": 1e3 * gpu_j, "GPU": d["hardware"].iloc[0],
+                        "chip model, 45 nm (mJ/token)": 1e3 * chip["45 nm"],
+                        "chip model, 7 nm (mJ/token)": 1e3 * chip["7 nm"],
+                        "GPU / chip at 7 nm": gpu_j / chip["7 nm"]})
+    against = pd.DataFrame(against)
+    display(plots.table(against, "neuromorphic-vs-gpu",
+                        formats={"GPU, measured (mJ/token)": "{:.0f}", "chip model, 45 nm (mJ/token)": "{:.2f}",
+                                 "chip model, 7 nm (mJ/token)": "{:.2f}", "GPU / chip at 7 nm": "{:,.0f}×"}))
+    display(Markdown(f"*Source: {len(measured)} GPU decode records (commit "
+                     f"{', '.join(sorted({str(c)[:7] for c in measured['commit']}))}); chip model with weights in "
+                     f"{weight_bits} bits and the state in {state_bits} bits, as above.*"))
 
 # %% [markdown]
 # ## Ranking
