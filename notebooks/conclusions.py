@@ -24,9 +24,9 @@ from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.bench import inference
-from lmscale.bench.training import STEP_CODE
+from lmscale.bench.step_code import measures_current_code
 from lmscale.data import load_manifest
-from lmscale.results import code_changed_since, iter_records, load_records
+from lmscale.results import iter_records, load_records
 
 plots.setup()
 
@@ -42,8 +42,9 @@ def device_records(experiment: str, gpu: bool) -> pd.DataFrame:
 
 throughput = device_records("throughput", gpu=True)
 if not throughput.empty:  # the current code's numbers only, as in the kernels chapter
-    current = {c for c in throughput["git_commit"].dropna().unique() if code_changed_since(c, STEP_CODE) is False}
-    throughput = throughput[(throughput["kind"] == "train-bench") & throughput["git_commit"].isin(current)]
+    throughput = throughput[throughput["kind"] == "train-bench"]
+    throughput = throughput[[measures_current_code(c, m) is True
+                             for c, m in zip(throughput["git_commit"], throughput["config.mixer"])]]
 inference_rows = inference.frame(iter_records("inference"))
 inference_ok = inference_rows[inference_rows["status"] == "ok"] if not inference_rows.empty else inference_rows
 inference_gpu = inference_ok[inference_ok["device"].astype(str).str.startswith("cuda")] if not inference_ok.empty else inference_ok

@@ -531,10 +531,10 @@ if have:
 # the PyTorch forms instead (it cannot see Triton kernels).
 
 # %%
+from lmscale.bench.step_code import measures_current_code
 from lmscale.bench.training import EXPERIMENT as THROUGHPUT
-from lmscale.bench.training import STEP_CODE, variant
+from lmscale.bench.training import variant
 from lmscale.mixers import available
-from lmscale.results import code_changed_since
 
 # attention first: cuDNN's flash kernels carry "sm90_" in their names too
 KERNEL_KINDS = (("attention (flash)", ("flash", "fmha", "attention")),
@@ -556,16 +556,19 @@ def kernel_kind(name: str) -> str:
 steps = load_records(THROUGHPUT)
 if not steps.empty:
     steps = steps[steps["device"].astype(str).str.startswith("cuda")]
-# numbers of library code that has changed since are withheld: they describe code that no longer runs
-outdated = ({c for c in steps["git_commit"].dropna().unique() if code_changed_since(c, STEP_CODE)}
-            if not steps.empty else set())
-if outdated:
-    withheld = steps[steps["git_commit"].isin(outdated)]
-    steps = steps[~steps["git_commit"].isin(outdated)]
-    display(Markdown(f"*{len(withheld)} throughput record(s) from commit(s) "
-                     f"{', '.join(sorted(c[:7] for c in outdated))} are not shown: the code a training step runs has changed since "
-                     "they were measured. `docs/NOTES.md` keeps what they found and what was changed because of "
-                     "it; rerunning the benchmarks replaces them.*"))
+# numbers of library code that has changed since are withheld: they describe code that no longer runs. Which
+# code counts is the mixer's own (lmscale.bench.step_code): a change to one mixer's scan withholds its records only
+if not steps.empty:
+    keys = [(c if isinstance(c, str) else None, m if isinstance(m, str) else None)
+            for c, m in zip(steps["git_commit"], steps.get("config.mixer", pd.Series(None, index=steps.index)))]
+    verdict = {key: measures_current_code(*key) for key in set(keys)}
+    stale = pd.Series([verdict[key] is False for key in keys], index=steps.index)
+    if stale.any():
+        withheld = sorted({f"{m or 'the loss head'} at {c[:7]}" for (c, m), old in zip(keys, stale) if old})
+        steps = steps[~stale]
+        display(Markdown(f"*{int(stale.sum())} throughput record(s) are not shown ({', '.join(withheld)}): the code "
+                         "their training step runs has changed since they were measured. `docs/NOTES.md` keeps what "
+                         "they found and what was changed because of it; rerunning the benchmarks replaces them.*"))
 train_bench = steps[steps["kind"] == "train-bench"] if not steps.empty else steps
 if len(train_bench):
     def step_variant(r) -> str:

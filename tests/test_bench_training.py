@@ -2,12 +2,14 @@
 point, resumable, and failures recorded without stopping the sweep."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lmscale.bench.training import Point, format_table, measured_keys, run_points, variant
 from lmscale.cli import main
 from lmscale.config import ConfigError
+from lmscale.mixers import available
 from lmscale.results import read_records
 
 
@@ -89,34 +91,41 @@ def test_a_steps_variant_names_every_way_it_differs_from_the_plain_step():
         "recomputed blocks, 4 micro-batches, eager"
 
 
-def test_step_code_holds_every_library_module_a_training_step_imports():
-    """The chapters withhold a throughput record once ``STEP_CODE`` changes after its commit: a module the step
-    imports from outside it could change the numbers unnoticed (``lmscale.mlp`` was such a module)."""
-    import ast
-    from pathlib import Path
-
-    from lmscale.bench.training import STEP_CODE
+def test_each_mixers_step_code_holds_every_library_module_its_step_imports():
+    """The chapters withhold a throughput record once its mixer's step code changes after its commit: a module
+    the step imports from outside it could change the numbers unnoticed (``lmscale.mlp`` once was such a module)."""
+    from lmscale.bench.step_code import imported_modules, module_file, step_code
 
     root = Path(__file__).resolve().parents[1]
     # not the benchmarked step's work: writing records, formatting counts, reading the corpus (the bench feeds
     # random tokens), quantisation (only under TrainConfig.quantize, which no bench point sets)
     harness = {"lmscale.results", "lmscale.scaling", "lmscale.data", "lmscale.quantize"}
+    for mixer in available():
+        files = step_code(mixer)
+        imported = {m for f in files for m in imported_modules(root / f)}
+        outside = {m for m in imported - harness - {"lmscale.mixers"}
+                   if str(module_file(m).relative_to(root)) not in files}
+        assert outside == set(), mixer
+    assert "src/lmscale/mlp.py" in step_code("gla") and "src/lmscale/loss.py" in step_code(None)
 
-    def covered(module: str) -> bool:
-        path = Path("src", *module.split("."))
-        rel = str(path.with_suffix(".py") if (root / path.with_suffix(".py")).exists() else path)
-        return any(rel == p or rel.startswith(p + "/") for p in STEP_CODE)
 
-    files = [f for p in STEP_CODE for f in ((root / p).rglob("*.py") if (root / p).is_dir() else [root / p])]
-    imported = set()
-    for f in files:
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lmscale."):
-                imported.add(node.module)
-            elif isinstance(node, ast.Import):
-                imported.update(a.name for a in node.names if a.name.startswith("lmscale."))
-    assert len(files) > 20 and "lmscale.mlp" in imported
-    assert {m for m in imported - harness if not covered(m)} == set()
+def test_a_change_to_one_mixers_code_withholds_only_the_mixers_that_run_it():
+    from lmscale.bench.step_code import step_code
+
+    assert "src/lmscale/ops/triton/selective_scan.py" in step_code("mamba")  # imported inside a function
+    assert "src/lmscale/ops/triton/selective_scan.py" not in step_code("gla")
+    assert "src/lmscale/mixers/attention.py" in step_code("based")  # its sliding-window layers
+    assert "src/lmscale/mixers/mamba.py" not in step_code("attention")
+    with pytest.raises(ValueError, match="unknown mixer 'transformer'; registered: attention"):
+        step_code("transformer")
+
+
+def test_the_registry_is_the_only_dynamic_import_the_step_code_closure_leaves_out():
+    """The closure follows static imports; a string import under mixers/ or ops/ would hide a dependency."""
+    root = Path(__file__).resolve().parents[1] / "src" / "lmscale"
+    dynamic = {str(f.relative_to(root)) for d in ("mixers", "ops") for f in (root / d).rglob("*.py")
+               if "import_module" in f.read_text() or "__import__" in f.read_text()}
+    assert dynamic == {"mixers/__init__.py"}
 
 
 def test_cli_quick_run_writes_records_and_prints_the_table(tmp_path, capsys):

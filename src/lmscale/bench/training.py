@@ -35,11 +35,6 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "throughput"
-# The library code one training step runs: a record whose commit differs from the checkout here describes
-# code that no longer runs (the harness around it, this module, does not change what a step costs).
-STEP_CODE = ("src/lmscale/model.py", "src/lmscale/mlp.py", "src/lmscale/mixers", "src/lmscale/ops",
-             "src/lmscale/train.py", "src/lmscale/loss.py", "src/lmscale/rope.py", "src/lmscale/config.py",
-             "src/lmscale/presets.py", "src/lmscale/distributed.py")
 SIZES = ("125M", "350M")  # the sizes; --presets takes any of lmscale.presets.PRESETS
 TOP_KERNELS = 15
 
