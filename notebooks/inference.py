@@ -78,8 +78,15 @@ def findings() -> str:
         longest = rows["length"].max()
         at = rows[rows["length"] == longest].sort_values("ms")
         parts.append(f"**GPU ({gpu['hardware'].iloc[0]}), {preset}, batch 1, after {longest:,} tokens:** " + "; ".join(
-            f"{r['mixer']} {r['ms']:.2f} ms per token ({r['ms'] / r['weights_floor_ms']:.1f}× its weights' floor)"
+            f"{r['mixer']} {r['ms']:.2f} ms per token ({r['ms'] / r['weights_floor_ms']:.1f}× its weights' floor, "
+            + (f"{r['joules_per_token']:.2f} J per token net of idle)" if pd.notna(r["joules_per_token"]) else "no energy)")
             for _, r in at.iterrows()) + ".")
+        prefill = gpu[(gpu["preset"] == preset) & (gpu["phase"] == "prefill")]
+        if not prefill.empty:
+            T = prefill["length"].max()
+            fastest = prefill[prefill["length"] == T].sort_values("tokens_per_second", ascending=False)
+            parts.append(f"Prefill of {T:,} tokens at {preset}: " + "; ".join(
+                f"{r['mixer']} {r['tokens_per_second'] / 1e3:,.1f} K tokens/s" for _, r in fastest.iterrows()) + ".")
     if not cpu.empty:
         preset = max(cpu["preset"].unique(), key=lambda p: cpu.loc[cpu["preset"] == p, "params"].iloc[0])
         rows = cpu[(cpu["preset"] == preset) & (cpu["phase"] == "decode") & (cpu["batch_size"] == 1)
