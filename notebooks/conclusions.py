@@ -24,7 +24,7 @@ from IPython.display import Markdown, display
 
 from lmscale import plots
 from lmscale.bench import inference
-from lmscale.bench.step_code import measures_current_code
+from lmscale.bench.step_code import current_code_flags
 from lmscale.data import load_manifest
 from lmscale.results import iter_records, load_records
 
@@ -43,8 +43,7 @@ def device_records(experiment: str, gpu: bool) -> pd.DataFrame:
 throughput = device_records("throughput", gpu=True)
 if not throughput.empty:  # the current code's numbers only, as in the kernels chapter
     throughput = throughput[throughput["kind"] == "train-bench"]
-    throughput = throughput[[measures_current_code(c, m) is True
-                             for c, m in zip(throughput["git_commit"], throughput["config.mixer"])]]
+    throughput = throughput[[flag is True for flag in current_code_flags(throughput)]]
 inference_rows = inference.frame(iter_records("inference"))
 inference_ok = inference_rows[inference_rows["status"] == "ok"] if not inference_rows.empty else inference_rows
 inference_gpu = inference_ok[inference_ok["device"].astype(str).str.startswith("cuda")] if not inference_ok.empty else inference_ok

@@ -531,7 +531,7 @@ if have:
 # the PyTorch forms instead (it cannot see Triton kernels).
 
 # %%
-from lmscale.bench.step_code import measures_current_code
+from lmscale.bench.step_code import current_code_flags
 from lmscale.bench.training import EXPERIMENT as THROUGHPUT
 from lmscale.bench.training import variant
 from lmscale.mixers import available
@@ -559,12 +559,11 @@ if not steps.empty:
 # numbers of library code that has changed since are withheld: they describe code that no longer runs. Which
 # code counts is the mixer's own (lmscale.bench.step_code): a change to one mixer's scan withholds its records only
 if not steps.empty:
-    keys = [(c if isinstance(c, str) else None, m if isinstance(m, str) else None)
-            for c, m in zip(steps["git_commit"], steps.get("config.mixer", pd.Series(None, index=steps.index)))]
-    verdict = {key: measures_current_code(*key) for key in set(keys)}
-    stale = pd.Series([verdict[key] is False for key in keys], index=steps.index)
+    stale = pd.Series([flag is False for flag in current_code_flags(steps)], index=steps.index)
     if stale.any():
-        withheld = sorted({f"{m or 'the loss head'} at {c[:7]}" for (c, m), old in zip(keys, stale) if old})
+        mixer_of = steps["config.mixer"] if "config.mixer" in steps else pd.Series(None, index=steps.index)
+        withheld = sorted({f"{m if isinstance(m, str) else 'the loss head'} at {str(c)[:7]}"
+                           for c, m in zip(steps.loc[stale, "git_commit"], mixer_of[stale])})
         steps = steps[~stale]
         display(Markdown(f"*{int(stale.sum())} throughput record(s) are not shown ({', '.join(withheld)}): the code "
                          "their training step runs has changed since they were measured. `docs/NOTES.md` keeps what "

@@ -82,3 +82,13 @@ def measures_current_code(commit: str | None, mixer: str | None) -> bool | None:
 
     changed = code_changed_since(commit, step_code(mixer))
     return None if changed is None else not changed
+
+
+def current_code_flags(records) -> list[bool | None]:
+    """``measures_current_code`` for each row of a throughput frame (``lmscale.results.load_records``): rows of
+    the loss benchmark have no mixer and count the shared files only; each (commit, mixer) is asked once."""
+    mixers = records["config.mixer"] if "config.mixer" in records else [None] * len(records)
+    keys = [(c if isinstance(c, str) else None, m if isinstance(m, str) else None)
+            for c, m in zip(records["git_commit"], mixers)]
+    verdict = {key: measures_current_code(*key) for key in set(keys)}
+    return [verdict[key] for key in keys]
